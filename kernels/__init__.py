@@ -1,0 +1,1 @@
+"""Pallas kernels with pure-JAX references (installed as lqseg_jax.kernels)."""

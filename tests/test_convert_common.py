@@ -1,0 +1,75 @@
+"""The generic torch -> NNX loader against torch modules built here."""
+
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from lqseg_jax.convert.common import CheckpointError, load_torch_state, rename_keys, to_numpy
+
+
+class Net(nnx.Module):
+    def __init__(self, rngs):
+        self.fc = nnx.Linear(3, 5, rngs=rngs)
+        self.conv = nnx.Conv(2, 4, (3, 3), rngs=rngs)
+        self.bn = nnx.BatchNorm(4, rngs=rngs)
+        self.norms = nnx.List([nnx.LayerNorm(5, rngs=rngs), nnx.GroupNorm(4, num_groups=2, rngs=rngs)])
+
+
+def torch_net():
+    torch.manual_seed(0)
+    net = torch.nn.ModuleDict(
+        dict(
+            fc=torch.nn.Linear(3, 5),
+            conv=torch.nn.Conv2d(2, 4, 3, padding=1),
+            bn=torch.nn.BatchNorm2d(4),
+            norms=torch.nn.ModuleList([torch.nn.LayerNorm(5), torch.nn.GroupNorm(2, 4)]),
+        )
+    )
+    for p in net.parameters():
+        torch.nn.init.normal_(p)
+    net["bn"].running_mean.normal_()
+    net["bn"].running_var.uniform_(0.5, 2.0)
+    return net.eval()
+
+
+def test_layouts_match_torch_outputs():
+    tnet = torch_net()
+    model = Net(nnx.Rngs(0))
+    load_torch_state(model, to_numpy(tnet.state_dict()), source="test")
+    model.eval()
+    x = np.random.default_rng(0).normal(size=(2, 2, 6, 7)).astype(np.float32)  # NCHW
+    with torch.no_grad():
+        ref = tnet["bn"](tnet["conv"](torch.from_numpy(x))).numpy().transpose(0, 2, 3, 1)
+        ref_gn = tnet["norms"][1](torch.from_numpy(ref.transpose(0, 3, 1, 2))).numpy().transpose(0, 2, 3, 1)
+        v = np.random.default_rng(1).normal(size=(4, 3)).astype(np.float32)
+        ref_fc = tnet["norms"][0](tnet["fc"](torch.from_numpy(v))).numpy()
+    out = np.asarray(model.bn(model.conv(x.transpose(0, 2, 3, 1))))
+    np.testing.assert_allclose(out, ref, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(model.norms[1](out)), ref_gn, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(model.norms[0](model.fc(v))), ref_fc, atol=1e-5)
+
+
+def test_errors_name_the_key():
+    sd = to_numpy(torch_net().state_dict())
+    model = Net(nnx.Rngs(0))
+    bad = dict(sd, **{"fc.weight": np.zeros((5, 4), np.float32)})
+    with pytest.raises(CheckpointError, match=r"'fc\.weight'.*\(5, 4\).*expects \(3, 5\)"):
+        load_torch_state(model, bad, source="ckpt")
+    missing = {k: v for k, v in sd.items() if k != "conv.bias"}
+    with pytest.raises(CheckpointError, match=r"(?s)1 missing.*conv\.bias"):
+        load_torch_state(model, missing, source="ckpt")
+    with pytest.raises(CheckpointError, match=r"(?s)1 unexpected.*extra\.weight"):
+        load_torch_state(model, dict(sd, **{"extra.weight": np.zeros(3)}), source="ckpt")
+
+
+def test_rename_keys_and_skip():
+    out, skipped = rename_keys(
+        {"backbone.a.weight": 1, "ram.x": 2, "backbone.b.bias": 3},
+        [(r"^backbone\.", ""), (r"^a\.", "aa.")],
+        skip=[r"^ram\."],
+    )
+    assert out == {"aa.weight": 1, "b.bias": 3}  # rules apply in order
+    assert skipped == ["ram.x"]
+    with pytest.raises(CheckpointError, match="two checkpoint keys"):
+        rename_keys({"x.w": 1, "y.w": 2}, [(r"^[xy]", "z")])
