@@ -155,7 +155,9 @@ def load_torch_state(
 
     Every leaf of `model` selected by `filt` must be set (unless it matches an `allow_missing`
     regex), every key must land on a leaf, and every shape must match: otherwise CheckpointError
-    names the offending keys. `source` names the checkpoint in messages.
+    names the offending keys. `source` names the checkpoint in messages. `model` may be abstract
+    (built under `nnx.eval_shape`): its variables then receive the checkpoint arrays, so a large model
+    is never randomly initialised only to be overwritten.
     """
     targets = model_leaves(model, filt)
     assigned: set[str] = set()
@@ -192,16 +194,24 @@ def load_torch_state(
         )
     for target, mapped in new_values.items():
         var = targets[target]
-        var[...] = jnp.asarray(mapped, dtype=var.dtype)
+        value = jnp.array(mapped, dtype=var.dtype, copy=True)  # never alias the torch tensor's memory
+        if isinstance(var.get_value(), jax.ShapeDtypeStruct):  # a model built with nnx.eval_shape
+            var.set_value(value)
+        else:
+            var[...] = value
+
+
+SAVED = (nnx.Param, nnx.BatchStat)  # what a converted checkpoint holds (no RNG stream state)
 
 
 def save_converted(out_dir: str | Path, model: nnx.Module, meta: Mapping[str, Any]) -> Path:
-    """Writes nnx.state(model) with orbax under out_dir/state and `meta` (config, source) as JSON."""
+    """Writes the parameters and batch statistics of `model` with orbax under out_dir/state and `meta`
+    (config, source) as JSON."""
     import orbax.checkpoint as ocp
 
     out = Path(out_dir).absolute()
     out.mkdir(parents=True, exist_ok=True)
-    state = nnx.to_pure_dict(nnx.state(model))
+    state = nnx.to_pure_dict(nnx.state(model, SAVED))
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(out / "state", state, force=True)
     (out / "meta.json").write_text(json.dumps(dict(meta), indent=2, default=str))
@@ -215,14 +225,14 @@ def load_converted(out_dir: str | Path, model: nnx.Module) -> dict[str, Any]:
     out = Path(out_dir).absolute()
     if not (out / "state").exists():
         raise FileNotFoundError(f"no converted state at {out / 'state'} (expected a save_converted folder)")
-    target = nnx.to_pure_dict(nnx.state(model))
+    target = nnx.to_pure_dict(nnx.state(model, SAVED))
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), target)
     with ocp.StandardCheckpointer() as ckptr:
         try:
             restored = ckptr.restore(out / "state", abstract)
         except (ValueError, KeyError) as e:
             raise CheckpointError(f"converted state at {out} does not fit the model: {e}") from e
-    state = nnx.state(model)
+    state = nnx.state(model, SAVED)
     nnx.replace_by_pure_dict(state, restored)
     nnx.update(model, state)
     return json.loads((out / "meta.json").read_text())

@@ -1,0 +1,113 @@
+"""Evaluation of a train state on a labelled split: confusion matrix on device, table, JSON, pictures."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from ..data_pipelines.pipeline import eval_batches
+from ..data_pipelines.sources import build_source
+from ..data_pipelines.synthetic import ensure_data
+from ..data_pipelines.transforms import EvalResize
+from .inference import predict_at_label_size
+from .metrics import IGNORE, confusion_matrix, summarize
+from .report import class_names_or_ids, save_triptych, write_results
+
+log = logging.getLogger(__name__)
+
+
+def _opt_tuple(value) -> tuple[int, int] | None:
+    return tuple(value) if value else None
+
+
+def make_eval_step(trainer):
+    """Jitted (params, rest, images, labels, valid) -> (confusion (K, K), predictions (b, H, W))."""
+    cfg = trainer.config
+    num_classes = cfg.model.num_classes
+
+    def step(params: Any, rest: Any, images: jax.Array, labels: jax.Array, valid: jax.Array):
+        model = nnx.merge(trainer.eval_graphdef, params, rest)
+        preds = predict_at_label_size(
+            lambda x: trainer.system.predict(model, x),
+            images,
+            labels.shape[1:3],
+            mode=cfg.eval.mode,
+            crop=tuple(cfg.eval.crop),
+            stride=tuple(cfg.eval.stride),
+        )  # (b, H, W)
+        labels = jnp.where(valid[:, None, None], labels, IGNORE)
+        return confusion_matrix(preds, labels, num_classes), preds
+
+    return jax.jit(step)
+
+
+def evaluate(trainer, state, out_dir: str | Path | None = None, *, progress: bool = True) -> dict:
+    """Evaluates `state` on config.eval.split; writes metrics.json, the table and pictures to `out_dir`."""
+    cfg = trainer.config
+    num_classes = cfg.model.num_classes
+    source = build_source(cfg.data.source, cfg.data.root, cfg.eval.split, num_classes=num_classes)
+    steps, batches = eval_batches(
+        source,
+        EvalResize(_opt_tuple(cfg.eval.scale)),
+        global_batch=cfg.eval.batch_size,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    eval_step = make_eval_step(trainer)
+    params, rest = trainer.eval_params(state), state.rest
+    cm = np.zeros((num_classes, num_classes), np.int64)
+    pictures_left = cfg.eval.num_pictures if out_dir is not None else 0
+    out_dir = Path(out_dir) if out_dir is not None else None
+    show = progress and jax.process_index() == 0
+    for batch in tqdm(batches, total=steps, desc=f"eval {cfg.eval.split}", disable=not show, leave=False):
+        arrays = trainer.device_batch({"image": batch["image"], "label": batch["label"]})
+        valid = jax.make_array_from_process_local_data(trainer.batch_sharding, batch["valid"])
+        with jax.set_mesh(trainer.mesh):
+            batch_cm, preds = eval_step(params, rest, arrays["image"], arrays["label"], valid)
+        cm += np.asarray(batch_cm, np.int64)
+        if pictures_left > 0 and jax.process_index() == 0:
+            local_preds = trainer.local_rows(preds)  # (b_local, H, W)
+            for i in np.flatnonzero(batch["valid"])[:pictures_left]:
+                stem = Path(batch["name"][i]).stem
+                save_triptych(
+                    out_dir / "pictures" / f"{stem}.png",
+                    batch["image"][i],
+                    local_preds[i],
+                    batch["label"][i],
+                    num_classes,
+                )
+                pictures_left -= 1
+    summary = summarize(cm, class_names_or_ids(cfg.data.get("class_names"), num_classes))
+    summary["num_images"] = len(source)
+    if out_dir is not None and jax.process_index() == 0:
+        summary["table"] = write_results(
+            out_dir,
+            {k: v for k, v in summary.items() if k != "num_images"},
+            len(source),
+            extra={"step": int(state.step), "split": cfg.eval.split},
+        )
+    return summary
+
+
+def evaluate_workdir(config, workdir: str | Path, *, progress: bool = True) -> dict:
+    """Restores WORKDIR's latest checkpoint (checking it fits `config`) and evaluates it into WORKDIR/eval."""
+    from ..train.checkpoint import Checkpointer
+    from ..train.trainer import Trainer
+
+    ensure_data(config)
+    trainer = Trainer(config)
+    ckpt = Checkpointer(workdir, async_save=False)
+    step = ckpt.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {ckpt.directory} (train first with scripts/train.py)")
+    ckpt.check_config(step, config)
+    state, _ = ckpt.restore(step, trainer.abstract_state)
+    ckpt.close()
+    return evaluate(trainer, state, Path(workdir) / "eval", progress=progress)

@@ -1,0 +1,69 @@
+"""A system = model + loss + inference, built from the experiment config.
+
+The training loop knows systems only through this interface, so it holds no model-specific branch.
+A system never reads files: the loop hands it device batches {"image": (b, h, w, 3) uint8,
+"label": (b, h, w) uint8} and a PRNG key.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+IGNORE = 255
+
+
+class System(abc.ABC):
+    # Which variables the optimizer trains; everything else (frozen params, BN stats, RNG state) is carried.
+    trainable: Any = nnx.Param
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        self.config = config
+
+    @abc.abstractmethod
+    def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
+        """The network at the config's size, randomly initialised."""
+
+    @abc.abstractmethod
+    def loss(self, model: nnx.Module, batch: dict[str, jax.Array], rng: jax.Array) -> tuple[jax.Array, dict]:
+        """Scalar training loss and a dict of scalar metrics (model is in train mode)."""
+
+    @abc.abstractmethod
+    def predict(self, model: nnx.Module, images: jax.Array) -> jax.Array:
+        """uint8 images (b, h, w, 3) -> class scores (b, h, w, K) at input resolution (eval mode)."""
+
+
+def cross_entropy(
+    logits: jax.Array, labels: jax.Array, *, avg_non_ignore: bool = False, weight: jax.Array | None = None
+) -> jax.Array:
+    """Pixel CE with ignore 255. logits (b, h, w, K) fp32, labels (b, h, w).
+
+    avg_non_ignore=False averages over ALL pixels, ignored ones counting as 0, as mmseg < 1.0 (and so
+    DAFormer/Refign) do; True averages over labelled pixels only. `weight` (b, h, w) scales each pixel.
+    """
+    logits = logits.astype(jnp.float32)
+    valid = labels != IGNORE  # (b, h, w)
+    safe = jnp.where(valid, labels, 0).astype(jnp.int32)  # (b, h, w)
+    logp = jax.nn.log_softmax(logits, axis=-1)  # (b, h, w, K)
+    nll = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]  # (b, h, w)
+    nll = jnp.where(valid, nll, 0.0)
+    if weight is not None:
+        nll = nll * weight
+    denom = jnp.maximum(valid.sum(), 1) if avg_non_ignore else nll.size
+    return nll.sum() / denom
+
+
+def normalize(images: jax.Array, mean, std, dtype=jnp.float32) -> jax.Array:
+    """uint8 or [0, 255] float images (b, h, w, 3) -> (x - mean) / std in `dtype`."""
+    x = images.astype(jnp.float32)
+    return ((x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)).astype(dtype)
+
+
+def pixel_accuracy(pred: jax.Array, labels: jax.Array) -> jax.Array:
+    valid = labels != IGNORE
+    return jnp.sum((pred == labels) & valid) / jnp.maximum(valid.sum(), 1)

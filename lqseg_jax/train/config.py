@@ -1,0 +1,90 @@
+"""Fields every experiment config has; experiment files in configs/ start from `base_config()`."""
+
+from __future__ import annotations
+
+import ml_collections
+
+from .optim import default_config as optimizer_defaults
+
+IMAGENET_MEAN = (123.675, 116.28, 103.53)
+IMAGENET_STD = (58.395, 57.12, 57.375)
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.system = ""
+    c.seed = 0
+    c.batch_size = 8  # global, over all processes and devices
+    c.total_steps = 1000  # the schedule's length
+    c.stop_at_step = 0  # > 0: stop (with a checkpoint) there without changing the schedule
+    c.log_every = 10
+    c.eval_every = 0  # > 0: evaluate on config.eval.split during training
+
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+    c.sharding = ml_collections.ConfigDict(dict(default="fsdp", min_shard_size=2**14, rules=()))
+    c.checkpoint = ml_collections.ConfigDict(dict(every=1000, keep=3, async_save=True))
+    c.ema = ml_collections.ConfigDict(dict(enabled=False, decay=0.999, warmup=True, evaluate=True))
+    c.optimizer = optimizer_defaults()
+
+    c.model = ml_collections.ConfigDict()
+    c.model.num_classes = 19
+    c.model.dtype = "float32"  # compute dtype; "bfloat16" on accelerators
+    c.model.pretrained = ml_collections.ConfigDict(dict(path="", prefix=""))
+
+    c.data = ml_collections.ConfigDict(
+        dict(
+            source="cityscapes",  # "cityscapes" | "ade20k"
+            root="data/cityscapes",
+            train_split="train",
+            class_names=(),
+            crop=(512, 512),
+            scale=(),  # (long, short) keep-ratio resize before cropping; () = none
+            ratio_range=(),  # random factor on `scale`; () = fixed
+            cat_max_ratio=1.0,
+            flip_prob=0.5,
+            pad_value=0,
+            mean=IMAGENET_MEAN,
+            std=IMAGENET_STD,
+            num_threads=4,
+            num_workers=0,  # grain worker processes (0: threads only)
+            synthetic=ml_collections.ConfigDict(
+                dict(enabled=False, num_train=400, num_val=50, height=120, width=160, seed=0)
+            ),
+        )
+    )
+    c.eval = ml_collections.ConfigDict(
+        dict(
+            split="val",
+            scale=(),
+            mode="whole",
+            crop=(512, 512),
+            stride=(341, 341),
+            batch_size=1,
+            num_pictures=8,
+        )
+    )
+    return c
+
+
+def load_config(spec: str, **overrides) -> ml_collections.ConfigDict:
+    """`"configs/daformer.py:tiny"` -> that file's get_config("tiny"), with dotted-key overrides
+    (`load_config(..., **{"data.root": "/x"})`), as scripts' `--config FILE:ARG --config.key=value` do."""
+    import importlib.util
+    from pathlib import Path
+
+    path, _, arg = spec.partition(":")
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    module_spec = importlib.util.spec_from_file_location(f"lqseg_config_{Path(path).stem}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    config = module.get_config(arg or None)
+    for key, value in overrides.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        if leaf not in node:
+            raise KeyError(f"config has no field '{key}'")
+        node[leaf] = value
+    return config

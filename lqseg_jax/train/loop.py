@@ -1,0 +1,172 @@
+"""The one training loop: data -> jitted sharded step -> metrics, checkpoints, resume, evaluation.
+
+`train(config, workdir)` resumes from the workdir's latest checkpoint when there is one (after checking
+that it was written for the same model config), saves every `checkpoint.every` steps, at the end, at
+`stop_at_step` and on SIGTERM / Ctrl-C, and logs metrics to a progress bar, WORKDIR/metrics.jsonl and
+TensorBoard summaries in WORKDIR/tb.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import time
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+from tqdm.auto import tqdm
+
+from ..data_pipelines.pipeline import train_dataset
+from ..data_pipelines.sources import build_source
+from ..data_pipelines.synthetic import ensure_data
+from ..data_pipelines.transforms import TrainAugment
+from ..eval.evaluate import evaluate
+from .checkpoint import Checkpointer
+from .trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+
+class StopRequest:
+    """Turns SIGTERM and the first Ctrl-C into a request to save and stop; a second Ctrl-C interrupts."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("received %s: saving a checkpoint and stopping", signal.Signals(signum).name)
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def any_process(self) -> bool:
+        """True when any process got the signal, so every process stops at the same step."""
+        if jax.process_count() == 1:
+            return self.requested
+        return bool(np.any(multihost_utils.process_allgather(np.array(self.requested))))
+
+
+class MetricWriter:
+    """Scalars to WORKDIR/metrics.jsonl and TensorBoard (process 0 only)."""
+
+    def __init__(self, workdir: Path):
+        self.enabled = jax.process_index() == 0
+        if self.enabled:
+            from tensorboardX import SummaryWriter
+
+            self.jsonl = (workdir / "metrics.jsonl").open("a")
+            self.tb = SummaryWriter(str(workdir / "tb"))
+
+    def write(self, step: int, scalars: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+        self.jsonl.flush()
+        for k, v in scalars.items():
+            self.tb.add_scalar(k, v, step)
+        self.tb.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.jsonl.close()
+            self.tb.close()
+
+
+def train_augment(data: ml_collections.ConfigDict) -> TrainAugment:
+    return TrainAugment(
+        crop=tuple(data.crop),
+        scale=tuple(data.scale) if data.scale else None,
+        ratio_range=tuple(data.ratio_range) if data.ratio_range else None,
+        cat_max_ratio=data.cat_max_ratio,
+        flip_prob=data.flip_prob,
+        pad_value=data.pad_value,
+    )
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
+    """Trains (or resumes) the experiment in `config`; returns the last logged metrics."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    total = config.total_steps
+    end = min(total, config.stop_at_step) if config.stop_at_step else total
+    ensure_data(config)
+    trainer = Trainer(config)
+    data = config.data
+    source = build_source(data.source, data.root, data.train_split, num_classes=config.model.num_classes)
+    dataset = train_dataset(
+        source,
+        train_augment(data),
+        seed=config.seed,
+        global_batch=config.batch_size,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        num_threads=data.num_threads,
+        num_workers=data.num_workers,
+    )
+    data_iter = iter(dataset)
+    ckpt = Checkpointer(workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+    latest = ckpt.latest_step()
+    if latest is not None:
+        ckpt.check_config(latest, config)
+        state, iter_restored = ckpt.restore(latest, trainer.abstract_state, data_iter)
+        if not iter_restored:
+            if data.num_workers:
+                raise RuntimeError(
+                    f"checkpoint {latest} holds no data iterator state for process {jax.process_index()} of "
+                    f"{jax.process_count()}; resume once with --config.data.num_workers=0 to re-derive it"
+                )
+            data_iter.set_state({"next_index": latest * (config.batch_size // jax.process_count())})
+            log.info("data iterator position re-derived from step %d (process layout changed)", latest)
+        step = latest
+        print(f"Resumed from step {latest} ({ckpt.directory / str(latest)})", flush=True)
+    else:
+        state = trainer.init_state()
+        step = 0
+    writer = MetricWriter(workdir)
+    last: dict = {}
+    pbar = tqdm(total=end, initial=step, desc="train", disable=jax.process_index() != 0, dynamic_ncols=True)
+    t0, t0_step = time.perf_counter(), step
+    with StopRequest() as stop:
+        while step < end:
+            batch = trainer.device_batch(next(data_iter))
+            state, metrics = trainer.train_step(state, batch, trainer.step_rng(step))
+            step += 1
+            pbar.update(1)
+            if step % config.log_every == 0 or step == end:
+                last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                last["images_per_s"] = (step - t0_step) * config.batch_size / (time.perf_counter() - t0)
+                t0, t0_step = time.perf_counter(), step
+                writer.write(step, last)
+                pbar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}")
+            stopping = stop.any_process()
+            if step % config.checkpoint.every == 0 or step == end or stopping:
+                ckpt.save(step, state, data_iter, config)
+            if config.eval_every and step % config.eval_every == 0 and step != end:
+                summary = evaluate(trainer, state, progress=False)
+                writer.write(step, {"eval/mIoU": summary["mIoU"]})
+                log.info("step %d: mIoU %.2f", step, summary["mIoU"])
+            if stopping:
+                print(
+                    f"Stopped at step {step}; checkpoint saved. Re-run the same command to resume.",
+                    flush=True,
+                )
+                break
+    pbar.close()
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
+    return {"step": step, **last}

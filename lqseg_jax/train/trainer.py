@@ -1,0 +1,191 @@
+"""Train state and the jitted, sharded, pure train step shared by every system.
+
+TrainState = (step, params, rest, opt_state, ema): `params` are the leaves the system's `trainable`
+filter selects, `rest` is everything else in the model (frozen parameters, batch statistics, RNG state).
+The step is `train_step(state, batch, rng) -> (state, metrics)`, jitted once with explicit in/out
+shardings and the state donated. Randomness inside the step comes only from `rng`, which the loop
+derives from (seed, step), so a resumed run replays the same stream.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx, struct
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
+
+from ..convert.common import load_converted
+from ..models.tracing import abstract_model, fast_init_tracing
+from ..systems import get_system
+from .mesh import batch_sharding, make_mesh, replicated, state_shardings
+from .optim import build_optimizer
+
+log = logging.getLogger(__name__)
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    rest: Any
+    opt_state: Any
+    ema: Any  # a copy of params, or None when config.ema.enabled is False
+
+
+def ema_decay(step: jax.Array, decay: float, warmup: bool) -> jax.Array:
+    """Constant `decay`, or with warmup the mean-teacher schedule min(1 - 1/(step + 1), decay)."""
+    if not warmup:
+        return jnp.asarray(decay, jnp.float32)
+    return jnp.minimum(1.0 - 1.0 / (step.astype(jnp.float32) + 1.0), decay)
+
+
+class Trainer:
+    """Builds the model, optimizer, shardings and jitted functions for one experiment config."""
+
+    def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh | None = None):
+        self.config = config
+        self.mesh = mesh if mesh is not None else make_mesh(config.mesh.data, config.mesh.fsdp)
+        if config.batch_size % self.mesh.size:
+            raise ValueError(
+                f"batch_size {config.batch_size} is not divisible by the {self.mesh.size} devices of the mesh "
+                f"(data={self.mesh.shape['data']} x fsdp={self.mesh.shape['fsdp']})"
+            )
+        self.system = get_system(config)
+        abstract = abstract_model(lambda: self.system.build_model(nnx.Rngs(params=0, dropout=0)))
+        abstract.train()
+        self.graphdef, abs_params, _ = nnx.split(abstract, self.system.trainable, ...)
+        abstract.eval()
+        self.eval_graphdef, _, _ = nnx.split(abstract, self.system.trainable, ...)
+        self.tx, self.schedule = build_optimizer(config.optimizer, abs_params, config.total_steps)
+
+        with fast_init_tracing():
+            abstract_state = jax.eval_shape(self._init)
+        s = config.sharding
+        self.state_sharding = state_shardings(
+            abstract_state, self.mesh, rules=s.rules, default=s.default, min_shard_size=s.min_shard_size
+        )
+        self.abstract_state = jax.tree.map(
+            lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+            abstract_state,
+            self.state_sharding,
+        )
+        self.batch_sharding = batch_sharding(self.mesh)
+        self._base_key = jax.random.key(config.seed)
+        self._train_step_jit = jax.jit(
+            self._train_step,
+            in_shardings=(self.state_sharding, self.batch_sharding, replicated(self.mesh)),
+            out_shardings=(self.state_sharding, replicated(self.mesh)),
+            donate_argnums=0,
+        )
+
+    def train_step(self, state: TrainState, batch: dict, rng: jax.Array) -> tuple[TrainState, dict]:
+        """The jitted step, traced under this trainer's mesh (kernels shard_map over it)."""
+        with jax.set_mesh(self.mesh):
+            return self._train_step_jit(state, batch, rng)
+
+    # ---------------------------------------------------------------- state
+    def _new_model(self) -> nnx.Module:
+        seed = self.config.seed
+        return self.system.build_model(nnx.Rngs(params=seed, dropout=seed + 1))
+
+    def _state_from_parts(self, params: Any, rest: Any) -> TrainState:
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            rest=rest,
+            opt_state=self.tx.init(params),
+            ema=jax.tree.map(jnp.copy, params) if self.config.ema.enabled else None,
+        )
+
+    def _init(self) -> TrainState:
+        model = self._new_model()
+        model.train()
+        _, params, rest = nnx.split(model, self.system.trainable, ...)
+        return self._state_from_parts(params, rest)
+
+    def init_state(self) -> TrainState:
+        """A fresh state, created directly in its shardings; with config.model.pretrained, loaded weights."""
+        pretrained = self.config.model.get("pretrained")
+        if not pretrained or not pretrained.get("path"):
+            with fast_init_tracing():
+                return jax.jit(self._init, out_shardings=self.state_sharding)()
+        model = self._new_model()
+        target = getattr(model, pretrained.prefix) if pretrained.get("prefix") else model
+        meta = load_converted(pretrained.path, target)
+        log.info(
+            "loaded pretrained weights from %s into %s (%s)",
+            pretrained.path,
+            pretrained.get("prefix") or "the model",
+            meta.get("source", "?"),
+        )
+        model.train()
+        _, params, rest = nnx.split(model, self.system.trainable, ...)
+        sh = self.state_sharding
+        params, rest = jax.device_put((params, rest), (sh.params, sh.rest))
+        return jax.jit(self._state_from_parts, out_shardings=sh)(params, rest)
+
+    def step_rng(self, step: int) -> jax.Array:
+        return jax.random.fold_in(self._base_key, step)
+
+    def device_batch(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """This process's numpy batch -> global arrays sharded along the batch axes."""
+        return {
+            k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
+            for k, v in local_batch.items()
+            if k in ("image", "label")
+        }
+
+    def local_rows(self, x: jax.Array) -> np.ndarray:
+        """This process's rows of a batch-sharded global array, in its local batch order."""
+        if jax.process_count() == 1:
+            return np.asarray(x)
+        return np.asarray(
+            multihost_utils.global_array_to_host_local_array(x, self.mesh, self.batch_sharding.spec)
+        )
+
+    # ---------------------------------------------------------------- step
+    def _train_step(self, state: TrainState, batch: dict, rng: jax.Array) -> tuple[TrainState, dict]:
+        # copy=True: fresh Variables owned by this trace, so the model may update its RNG counts and BN stats.
+        reseeded = nnx.merge(self.graphdef, state.params, state.rest, copy=True)
+        nnx.reseed(reseeded, dropout=jax.random.fold_in(rng, 1))  # dropout/drop-path from (seed, step)
+        _, _, rest_in = nnx.split(reseeded, self.system.trainable, ...)
+
+        def loss_fn(params, rest):
+            model = nnx.merge(self.graphdef, params, rest, copy=True)
+            loss, metrics = self.system.loss(model, batch, jax.random.fold_in(rng, 2))
+            _, _, rest = nnx.split(model, self.system.trainable, ...)
+            return loss, (metrics, rest)
+
+        (loss, (metrics, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, rest_in)
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema = state.ema
+        if ema is not None:
+            m = ema_decay(state.step, self.config.ema.decay, self.config.ema.warmup)
+            ema = jax.tree.map(lambda e, p: m * e + (1.0 - m) * p, ema, params)
+        metrics = {
+            **metrics,
+            "loss": loss,
+            "grad_norm": optax.tree.norm(grads),
+            "lr": self.schedule(state.step),
+        }
+        new_state = TrainState(step=state.step + 1, params=params, rest=rest, opt_state=opt_state, ema=ema)
+        return new_state, metrics
+
+    # ---------------------------------------------------------------- inference
+    def eval_params(self, state: TrainState) -> Any:
+        """EMA parameters when the config keeps them and asks to evaluate them, else the raw ones."""
+        if state.ema is not None and self.config.ema.evaluate:
+            return state.ema
+        return state.params
+
+    def model_from_state(self, state: TrainState, *, eval_mode: bool = True) -> nnx.Module:
+        graphdef = self.eval_graphdef if eval_mode else self.graphdef
+        return nnx.merge(graphdef, self.eval_params(state) if eval_mode else state.params, state.rest)

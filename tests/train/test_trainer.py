@@ -1,0 +1,97 @@
+"""The train step under sharding, resume, and the config check of checkpoints."""
+
+import jax
+import numpy as np
+import pytest
+
+from lqseg_jax.convert.common import CheckpointError
+from lqseg_jax.train.config import load_config
+from lqseg_jax.train.loop import train
+from lqseg_jax.train.mesh import make_mesh
+from lqseg_jax.train.trainer import Trainer
+
+
+def tiny(root=None, **overrides):
+    cfg = load_config("configs/daformer.py:tiny", **overrides)
+    cfg.data.crop = (64, 64)
+    if root is not None:
+        cfg.data.root = str(root)
+        cfg.data.synthetic.enabled = False
+    return cfg
+
+
+def random_batch(b=8, h=64, w=64, k=10, seed=0):
+    rng = np.random.default_rng(seed)
+    label = rng.integers(0, k, (b, h, w)).astype(np.uint8)
+    label[:, :5] = 255
+    return {"image": rng.integers(0, 256, (b, h, w, 3)).astype(np.uint8), "label": label}
+
+
+def test_batch_not_divisible_by_devices_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"batch_size 4 is not divisible by the 8 devices"):
+        Trainer(tiny(batch_size=4))
+
+
+def run_steps(trainer, n):
+    state = trainer.init_state()
+    losses = []
+    for i in range(n):
+        batch = trainer.device_batch(random_batch(seed=i))
+        state, metrics = trainer.train_step(state, batch, trainer.step_rng(i))
+        losses.append(float(metrics["loss"]))
+    return losses, jax.device_get(state.params), jax.device_get(state.rest)
+
+
+def test_sharded_step_matches_single_device():
+    cfg = tiny(**{"mesh.fsdp": 4, "ema.enabled": True})
+    sharded = Trainer(cfg, make_mesh(2, 4))
+    # The FSDP rules must really shard something on this mesh.
+    specs = {str(s.spec) for s in jax.tree.leaves(sharded.state_sharding.params)}
+    assert any("fsdp" in s for s in specs), specs
+    single = Trainer(cfg, make_mesh(1, 1, jax.devices()[:1]))
+    loss_a, params_a, rest_a = run_steps(sharded, 2)
+    loss_b, params_b, rest_b = run_steps(single, 2)
+    np.testing.assert_allclose(loss_a, loss_b, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b)):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6)
+    for a, b in zip(jax.tree.leaves(rest_a), jax.tree.leaves(rest_b)):  # BN statistics, RNG state
+        if jax.numpy.issubdtype(a.dtype, jax.numpy.floating):
+            np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6)
+
+
+def test_resume_is_bit_identical(tmp_path, synthetic_root, capsys):
+    overrides = {"total_steps": 6, "checkpoint.every": 100, "log_every": 1, "batch_size": 8}
+    straight = train(tiny(synthetic_root, **overrides), tmp_path / "straight")
+    first = train(tiny(synthetic_root, stop_at_step=3, **overrides), tmp_path / "resumed")
+    assert first["step"] == 3
+    resumed = train(tiny(synthetic_root, **overrides), tmp_path / "resumed")
+    assert "Resumed from step 3" in capsys.readouterr().out
+    assert resumed["step"] == straight["step"] == 6
+    assert resumed["loss"] == straight["loss"]
+
+    def final_params(workdir):
+        from lqseg_jax.train.checkpoint import Checkpointer
+
+        cfg = tiny(synthetic_root, **overrides)
+        trainer = Trainer(cfg)
+        ckpt = Checkpointer(workdir, async_save=False)
+        state, _ = ckpt.restore(6, trainer.abstract_state)
+        return jax.device_get(state.params)
+
+    for a, b in zip(
+        jax.tree.leaves(final_params(tmp_path / "straight")),
+        jax.tree.leaves(final_params(tmp_path / "resumed")),
+    ):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_checkpoint_from_other_model_config_is_rejected(tmp_path, synthetic_root):
+    train(tiny(synthetic_root, total_steps=1, batch_size=8), tmp_path)
+    other = tiny(synthetic_root, total_steps=2, batch_size=8)
+    other.model.backbone = "mit_b1"
+    with pytest.raises(
+        CheckpointError,
+        match=r"different model config(?s:.*)model\.backbone: checkpoint has "
+        r"'mit_b0', config has 'mit_b1'",
+    ):
+        train(other, tmp_path)
