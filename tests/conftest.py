@@ -11,8 +11,8 @@ from pathlib import Path
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import jax  # noqa: E402
-import pytest  # noqa: E402
+import jax
+import pytest
 
 jax.config.update("jax_num_cpu_devices", 8)
 _CACHE = os.environ.setdefault("LQSEG_TEST_JAX_CACHE", tempfile.mkdtemp(prefix="lqseg-jax-cache-"))

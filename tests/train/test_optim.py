@@ -41,7 +41,7 @@ def test_adamw_groups_match_torch():
     tparams = {k: {n: torch.nn.Parameter(torch.tensor(v)) for n, v in g.items()} for k, g in init.items()}
     groups = []
     for k, g in tparams.items():
-        for n, p in g.items():
+        for p in g.values():
             groups.append(
                 {
                     "params": [p],
@@ -55,7 +55,7 @@ def test_adamw_groups_match_torch():
 
     params = {k: {n: jnp.asarray(v) for n, v in g.items()} for k, g in init.items()}
     state = tx.init(params)
-    for step in range(5):
+    for _ in range(5):
         grads_np = {
             k: {n: rng.normal(size=v.shape).astype(np.float32) * 3 for n, v in g.items()}
             for k, g in init.items()
