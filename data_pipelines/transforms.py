@@ -89,7 +89,7 @@ def resize_pair(image: np.ndarray, label: np.ndarray | None, size: tuple[int, in
 class TrainAugment:
     """Random resize (keep ratio, `scale` (long, short) x U(ratio_range)), crop with cat_max_ratio, flip, pad.
 
-    Output: {"image": (ch, cw, 3) uint8, "label": (ch, cw) uint8}.
+    Output: {"image": (ch, cw, 3) uint8, "label": (ch, cw) uint8, "name": str}.
     """
 
     crop: tuple[int, int]
@@ -113,7 +113,11 @@ class TrainAugment:
         if h < ch or w < cw:
             image = np.pad(image, ((0, ch - h), (0, cw - w), (0, 0)), constant_values=self.pad_value)
             label = np.pad(label, ((0, ch - h), (0, cw - w)), constant_values=IGNORE)
-        return {"image": np.ascontiguousarray(image), "label": np.ascontiguousarray(label)}
+        return {
+            "image": np.ascontiguousarray(image),
+            "label": np.ascontiguousarray(label),
+            "name": example["name"],
+        }
 
     def _crop(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator):
         ch, cw = self.crop

@@ -67,10 +67,9 @@ def evaluate(trainer, state, out_dir: str | Path | None = None, *, progress: boo
     out_dir = Path(out_dir) if out_dir is not None else None
     show = progress and jax.process_index() == 0
     for batch in tqdm(batches, total=steps, desc=f"eval {cfg.eval.split}", disable=not show, leave=False):
-        arrays = trainer.device_batch({"image": batch["image"], "label": batch["label"]})
-        valid = jax.make_array_from_process_local_data(trainer.batch_sharding, batch["valid"])
+        arrays = trainer.device_batch(batch)
         with jax.set_mesh(trainer.mesh):
-            batch_cm, preds = eval_step(params, rest, arrays["image"], arrays["label"], valid)
+            batch_cm, preds = eval_step(params, rest, arrays["image"], arrays["label"], arrays["valid"])
         cm += np.asarray(batch_cm, np.int64)
         if pictures_left > 0 and jax.process_index() == 0:
             local_preds = trainer.local_rows(preds)  # (b_local, H, W)

@@ -37,6 +37,27 @@ class System(abc.ABC):
     def predict(self, model: nnx.Module, images: jax.Array) -> jax.Array:
         """uint8 images (b, h, w, 3) -> class scores (b, h, w, K) at input resolution (eval mode)."""
 
+    def host_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Host-side additions to this process's numpy batch before it goes to the devices (e.g. cached
+        text embeddings looked up by image name). Every array in the result is sharded along the batch."""
+        return batch
+
+    def has_pretrained(self) -> bool:
+        """Whether `load_pretrained` has weights to load (then the model is built on the host first)."""
+        pretrained = self.config.model.get("pretrained")
+        return bool(pretrained and pretrained.get("path"))
+
+    def load_pretrained(self, model: nnx.Module) -> str:
+        """Fills a freshly built `model` with pretrained weights, in place; returns what was loaded.
+        Default: config.model.pretrained = {path: a `scripts/convert.py` output folder, prefix: the
+        submodule it belongs to}."""
+        from ..convert.common import load_converted
+
+        pretrained = self.config.model.pretrained
+        target = getattr(model, pretrained.prefix) if pretrained.get("prefix") else model
+        meta = load_converted(pretrained.path, target)
+        return f"{pretrained.path} -> {pretrained.get('prefix') or 'model'} ({meta.get('source', '?')})"
+
 
 def cross_entropy(
     logits: jax.Array, labels: jax.Array, *, avg_non_ignore: bool = False, weight: jax.Array | None = None

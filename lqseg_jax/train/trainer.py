@@ -21,7 +21,6 @@ from flax import nnx, struct
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from ..convert.common import load_converted
 from ..models.tracing import abstract_model, fast_init_tracing
 from ..systems import get_system
 from .mesh import batch_sharding, make_mesh, replicated, state_shardings
@@ -111,20 +110,13 @@ class Trainer:
         return self._state_from_parts(params, rest)
 
     def init_state(self) -> TrainState:
-        """A fresh state, created directly in its shardings; with config.model.pretrained, loaded weights."""
-        pretrained = self.config.model.get("pretrained")
-        if not pretrained or not pretrained.get("path"):
+        """A fresh state created directly in its shardings, or, when the system loads pretrained weights,
+        built on the host, filled, and placed in its shardings."""
+        if not self.system.has_pretrained():
             with fast_init_tracing():
                 return jax.jit(self._init, out_shardings=self.state_sharding)()
         model = self._new_model()
-        target = getattr(model, pretrained.prefix) if pretrained.get("prefix") else model
-        meta = load_converted(pretrained.path, target)
-        log.info(
-            "loaded pretrained weights from %s into %s (%s)",
-            pretrained.path,
-            pretrained.get("prefix") or "the model",
-            meta.get("source", "?"),
-        )
+        log.info("loaded pretrained weights: %s", self.system.load_pretrained(model))
         model.train()
         _, params, rest = nnx.split(model, self.system.trainable, ...)
         sh = self.state_sharding
@@ -135,11 +127,12 @@ class Trainer:
         return jax.random.fold_in(self._base_key, step)
 
     def device_batch(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        """This process's numpy batch -> global arrays sharded along the batch axes."""
+        """This process's numpy batch (plus the system's host additions) -> global arrays sharded along the
+        batch axes; non-numeric entries (names) stay on the host."""
         return {
-            k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
-            for k, v in local_batch.items()
-            if k in ("image", "label")
+            k: jax.make_array_from_process_local_data(self.batch_sharding, v)
+            for k, v in self.system.host_batch(local_batch).items()
+            if isinstance(v, np.ndarray) and v.dtype.kind in "biuf"
         }
 
     def local_rows(self, x: jax.Array) -> np.ndarray:

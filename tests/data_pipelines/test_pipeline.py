@@ -127,7 +127,7 @@ def test_rescale_and_crop_semantics():
     assert transforms.rescale_size(120, 160, (160, 120)) == (120, 160)
     aug = transforms.TrainAugment(crop=(32, 40), flip_prob=0.0, pad_value=7)
     img = np.arange(20 * 30 * 3, dtype=np.uint8).reshape(20, 30, 3)
-    out = aug({"image": img, "label": np.zeros((20, 30), np.uint8)}, np.random.default_rng(0))
+    out = aug({"image": img, "label": np.zeros((20, 30), np.uint8), "name": "x"}, np.random.default_rng(0))
     assert out["image"].shape == (32, 40, 3)
     assert (out["label"][20:] == 255).all() and (out["image"][20:] == 7).all()  # padded
     np.testing.assert_array_equal(out["image"][:20, :30], img)

@@ -1,0 +1,137 @@
+"""Text prompts for SD-conditioned systems (RASS): image -> prompt -> cached CLIP text embedding, host side.
+
+Modes:
+- "empty": every image gets the empty prompt.
+- "fixed": every image gets `text`.
+- "tags": a JSON file {image id: "tag1, tag2, ..."} (RAM/DAPE tags computed offline), the image id being
+  the image file's stem ("ADE_val_00000001" for ".../ADE_val_00000001.jpg"). An id missing from the file
+  is an error naming the id and the file.
+As RASS builds it (rass/modeling/backbone/feature_projection.py + restoration_adaptation/ras.py
+encode_prompt): prompt = f"{tags}, {suffix}" (suffix = MODEL.RASS.pos_prompt_vsd, "" in the release), then
+cleaned: strip "[", "]", " " and "," at both ends, drop single quotes, commas -> spaces.
+
+Each distinct cleaned prompt is tokenised and encoded ONCE by the frozen text encoder (one jitted call per
+new prompt, always of shape (1, tokens)), and kept in an LRU cache of `cache_size` entries.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+MODES = ("empty", "fixed", "tags")
+
+
+def clean_caption(caption: str) -> str:
+    """RASS encode_prompt's cleanup: strip("[] ,"), remove "'", commas -> spaces."""
+    caption = caption.strip("[] ,").replace("'", "")
+    return " ".join(caption.split(","))
+
+
+def image_id(name: str) -> str:
+    """The tags-file key of an image: its file stem."""
+    return Path(str(name)).stem
+
+
+class PromptProvider:
+    """names -> text embeddings (b, tokens, dim) float32, with an LRU cache over distinct prompts.
+
+    `encode(prompt) -> (tokens, dim)` encodes one cleaned prompt (tokenizer + text encoder).
+    """
+
+    def __init__(
+        self,
+        mode: str,
+        encode: Callable[[str], np.ndarray],
+        *,
+        text: str = "",
+        tags_file: str | Path = "",
+        suffix: str = "",
+        cache_size: int = 1024,
+    ):
+        if mode not in MODES:
+            raise ValueError(f"prompt mode must be one of {MODES}, got {mode!r}")
+        if cache_size < 1:
+            raise ValueError(f"prompt cache_size must be >= 1, got {cache_size}")
+        self.mode = mode
+        self.text = text
+        self.suffix = suffix
+        self._encode = encode
+        self.cache_size = cache_size
+        self._cache: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
+        self.encoded = 0  # number of encoder calls (one per prompt not in the cache)
+        self.tags: dict[str, str] = {}
+        self.tags_file = Path(tags_file) if tags_file else None
+        if mode == "tags":
+            if self.tags_file is None:
+                raise ValueError("prompt mode 'tags' needs a tags file (JSON: image id -> 'tag1, tag2')")
+            if not self.tags_file.is_file():
+                raise FileNotFoundError(f"prompt tags file {self.tags_file} does not exist")
+            tags = json.loads(self.tags_file.read_text())
+            if not isinstance(tags, dict) or not all(isinstance(v, str) for v in tags.values()):
+                raise ValueError(
+                    f"prompt tags file {self.tags_file}: expected a JSON object image id -> 'tag1, tag2, ...'"
+                )
+            self.tags = tags
+
+    def prompt(self, name: str) -> str:
+        """The cleaned prompt of image `name` (a file name or path)."""
+        if self.mode == "empty":
+            caption = ""
+        elif self.mode == "fixed":
+            caption = self.text
+        else:
+            key = image_id(name)
+            if key not in self.tags:
+                raise KeyError(f"image id '{key}' (from '{name}') has no tags in {self.tags_file}")
+            caption = self.tags[key]
+        return clean_caption(f"{caption}, {self.suffix}")
+
+    def embedding(self, prompt: str) -> np.ndarray:
+        """(tokens, dim) embedding of a cleaned prompt, from the cache or the encoder."""
+        if prompt in self._cache:
+            self._cache.move_to_end(prompt)
+            return self._cache[prompt]
+        emb = np.asarray(self._encode(prompt), np.float32)
+        self.encoded += 1
+        self._cache[prompt] = emb
+        if len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return emb
+
+    def __call__(self, names: Sequence[str]) -> np.ndarray:
+        """Embeddings (b, tokens, dim) float32 for the images `names`."""
+        return np.stack([self.embedding(self.prompt(n)) for n in names])  # (b, tokens, dim)
+
+
+def byte_level_clip_tokenizer(model_max_length: int = 77):
+    """A transformers CLIPTokenizer over single bytes (no BPE merges; 514 ids: 256 bytes, 256 bytes ending a
+    word, <|startoftext|>, <|endoftext|>), padded with "!" like SD 2.x's. For tiny configs trained from
+    scratch, which have no released vocabulary; real configs load the SD 2.1 tokenizer folder."""
+    import tempfile
+
+    from transformers import CLIPTokenizer
+
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    cs, extra = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + extra)
+            extra += 1
+    chars = [chr(c) for c in cs]  # GPT-2's byte -> unicode table, as CLIP's BPE uses
+    vocab = [*chars, *(c + "</w>" for c in chars), "<|startoftext|>", "<|endoftext|>"]
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+        (folder / "merges.txt").write_text("#version: 0.2\n")
+        return CLIPTokenizer(
+            str(folder / "vocab.json"),
+            str(folder / "merges.txt"),
+            pad_token="!",
+            model_max_length=model_max_length,
+        )
