@@ -3,7 +3,8 @@
 Variants:
   (none) / "b5": MiT-B5 + DAFormer head on Cityscapes: resize to 512x1024, 512x512 crops, batch 2,
          AdamW 6e-4 (x0.1 for the backbone), wd 0.01 (0 on 1-D params), warmup 1500 then poly 1.0, 40k steps.
-  "tiny": MiT-B0 with a 128-wide head on the synthetic scenes at 96x96 crops (tests, demo, resume checks).
+  "tiny": MiT-B0 with a 64-wide head on the synthetic scenes at 96x96 crops, one learning rate for all
+          (random init), 300 steps at batch 8 (tests, demo, resume checks).
 Override any field with --config.key=value.
 """
 
@@ -56,8 +57,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if variant == "tiny":
         c.model.backbone = "mit_b0"
         c.model.num_classes = len(CLASSES)
-        c.model.head.embed_dims = 128
-        c.model.head.channels = 128
+        c.model.head.embed_dims = 64
+        c.model.head.channels = 64
         c.data.source = "ade20k"
         c.data.train_split = "training"
         c.data.root = "data/synthetic"
@@ -75,4 +76,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.checkpoint.every = 100
         c.eval_every = 0
         c.optimizer.schedule.warmup_steps = 30
+        c.optimizer.lr_mults = ()  # the backbone starts from random weights here: no x0.1
     return c

@@ -17,7 +17,7 @@ import grain
 import numpy as np
 
 from .sources import DataError, FolderSource
-from .transforms import IGNORE, Decode, EvalResize, TrainAugment
+from .transforms import IGNORE, Decode, EvalCanvas, TrainAugment
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,27 +98,37 @@ def _stack(items: list[dict]) -> dict:
             f"eval batch mixes image/label sizes {sorted(shapes)}; set eval.batch_size to the number of "
             "processes or give eval.scale so images share a size"
         )
-    return {
+    batch = {
         "image": np.stack([it["image"] for it in items]),  # (b, h, w, 3)
         "label": np.stack([it["label"] for it in items]),  # (b, H, W)
         "valid": np.array([it["valid"] for it in items]),  # (b,)
         "name": [it["name"] for it in items],
     }
+    for key in ("valid_hw", "label_hw"):  # image size before padding, label size before padding
+        batch[key] = np.stack([it[key] for it in items])  # (b, 2)
+    return batch
 
 
 def eval_batches(
     source: FolderSource,
-    resize: EvalResize,
+    resize,
     *,
+    canvas: EvalCanvas | None = None,
     global_batch: int,
     process_index: int = 0,
     process_count: int = 1,
     num_threads: int = 4,
 ) -> tuple[int, Iterator[dict]]:
-    """(number of batches, iterator over this process's eval batches) with "valid" marking real examples."""
+    """(number of batches, iterator over this process's eval batches). `resize` is an EvalResize-like
+    callable; each batch has "valid" (real examples), "valid_hw" and "label_hw" (sizes before padding)."""
     local = _check_batch(global_batch, process_count)
     steps = math.ceil(len(source) / global_batch)
-    examples = grain.MapDataset.source(source).map(Decode(source.label_map, source.num_classes)).map(resize)
+    examples = (
+        grain.MapDataset.source(source)
+        .map(Decode(source.label_map, source.num_classes))
+        .map(resize)
+        .map(canvas or EvalCanvas())
+    )
     padded = grain.MapDataset.source(_PadToMultiple(examples, steps * global_batch))
     ds = grain.MapDataset.range(steps * local).map(
         ProcessBlock(padded, global_batch, process_index, process_count)

@@ -111,9 +111,21 @@ def cityscapes_source(root: str | Path, split: str, *, num_classes: int = 19) ->
 SOURCES = {"ade20k": ade20k_source, "cityscapes": cityscapes_source}
 
 
-def build_source(kind: str, root: str | Path, split: str, *, num_classes: int) -> FolderSource:
+def build_source(kind: str, root: str | Path, split: str, *, num_classes: int):
+    """The split's prepared records when ROOT/<split>/records.json exists (scripts/prepare_data.py), else the
+    on-disk layout of `kind`. Both give the same records and expose label_map and num_classes."""
     if kind not in SOURCES:
         raise ValueError(f"data.source must be one of {tuple(SOURCES)}, got {kind!r}")
+    from . import records
+
+    if records.has_records(root, split):
+        source = records.RecordSource(records.split_dir(root, split), num_classes=num_classes)
+        if source.metadata["dataset"] != kind:
+            raise DataError(
+                f"{source.description}: prepared from a {source.metadata['dataset']} dataset, but data.source "
+                f"is {kind!r}"
+            )
+        return source
     return SOURCES[kind](root, split, num_classes=num_classes)
 
 

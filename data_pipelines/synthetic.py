@@ -1,7 +1,7 @@
 """Deterministic synthetic scenes: a small learnable dataset in the ADE20K (or Cityscapes) on-disk layout.
 
 Every scene has a sky band over a jagged horizon, two ground regions split by a slanted boundary, an
-optional building, and 1-4 objects. Each of the 10 classes has its own texture (gradient, blades,
+optional building, and 2-5 objects. Each of the 10 classes has its own texture (gradient, blades,
 lane marks, ripples, bricks, speckle, blobs) and a jittered colour, so a network must use texture and
 shape, not one colour. Object outlines are written as "unlabeled", like ADE20K's label 0.
 
@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 CLASSES = ("sky", "grass", "road", "water", "building", "sand", "tree", "ball", "car", "sign")
 GROUND = (1, 2, 3, 5)  # grass, road, water, sand
 UNLABELED = 255  # internal value of unlabeled pixels before writing
+VERSION = 2  # bump when scenes change, so datasets written by an older generator are rewritten
 
 
 def _smooth_noise(rng: np.random.Generator, h: int, w: int, cell: int) -> np.ndarray:
@@ -134,9 +135,9 @@ def make_scene(seed: int, height: int = 120, width: int = 160) -> tuple[np.ndarr
         paint(_draw_mask(h, w, "rectangle", [bx, top, bx + bw, horizon + 2]), 4)
 
     outlines = np.zeros((h, w), bool)
-    for _ in range(int(rng.integers(1, 5))):
+    for _ in range(int(rng.integers(2, 6))):
         cls = int(rng.choice([6, 7, 8, 9]))
-        size = rng.uniform(0.12, 0.3) * min(h, w)
+        size = rng.uniform(0.2, 0.4) * min(h, w)
         cx = rng.uniform(size, w - size)
         cy = rng.uniform(max(horizon, size), h - size / 2)
         if cls == 6:  # tree: triangle canopy
@@ -203,7 +204,7 @@ def ensure_dataset(root: str | Path, *, layout: str = "ade20k", **spec) -> Path:
     """Writes the dataset unless `root` already holds one written with the same arguments."""
     root = Path(root)
     marker = root / "synthetic.json"
-    record = {"layout": layout, **spec}
+    record = {"version": VERSION, "layout": layout, **spec}
     if marker.is_file() and json.loads(marker.read_text()) == record:
         return root
     write_dataset(root, layout=layout, **spec)

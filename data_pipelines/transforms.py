@@ -148,3 +148,33 @@ class EvalResize:
         if self.scale is not None:
             image, _ = resize_pair(image, None, rescale_size(*image.shape[:2], self.scale))
         return {**example, "image": image}
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalCanvas:
+    """Adds "valid_hw" (the image before any padding, unless a resize already set it) and "label_hw" (the
+    label's original size), then pads the label to a multiple of `label_bucket` with 255 and the image to a
+    multiple of `image_bucket` with 0, so datasets of varied sizes compile a bounded number of shapes.
+
+    Label padding never changes a metric (255 is ignored). Image padding changes what a network sees near
+    the bottom/right border, so `image_bucket` = 0 (the default) keeps evaluation exact.
+    """
+
+    label_bucket: int = 0
+    image_bucket: int = 0
+
+    def __call__(self, example: dict) -> dict:
+        image, label = example["image"], example["label"]
+        out = {**example, "label_hw": np.array(label.shape, np.int32)}
+        out.setdefault("valid_hw", np.array(image.shape[:2], np.int32))
+        out["image"] = _pad_to_multiple(image, self.image_bucket, 0)
+        out["label"] = _pad_to_multiple(label, self.label_bucket, IGNORE)
+        return out
+
+
+def _pad_to_multiple(x: np.ndarray, multiple: int, value: int) -> np.ndarray:
+    if multiple <= 0:
+        return x
+    h, w = x.shape[:2]
+    pad = ((0, -h % multiple), (0, -w % multiple)) + ((0, 0),) * (x.ndim - 2)
+    return np.pad(x, pad, constant_values=value)

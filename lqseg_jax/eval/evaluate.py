@@ -12,10 +12,11 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from ..data_pipelines.detectron2_transforms import Detectron2EvalResize
 from ..data_pipelines.pipeline import eval_batches
 from ..data_pipelines.sources import build_source
 from ..data_pipelines.synthetic import ensure_data
-from ..data_pipelines.transforms import EvalResize
+from ..data_pipelines.transforms import EvalCanvas, EvalResize
 from .inference import predict_at_label_size
 from .metrics import IGNORE, confusion_matrix, summarize
 from .report import class_names_or_ids, save_triptych, write_results
@@ -23,21 +24,31 @@ from .report import class_names_or_ids, save_triptych, write_results
 log = logging.getLogger(__name__)
 
 
-def _opt_tuple(value) -> tuple[int, int] | None:
-    return tuple(value) if value else None
+def eval_resize(e):
+    """The evaluation resize the config asks for (config.eval)."""
+    if e.resize == "detectron2":
+        return Detectron2EvalResize(
+            short_edge=e.short_edge, max_size=e.max_size, size_divisibility=e.size_divisibility
+        )
+    if e.resize != "keep_ratio":
+        raise ValueError(f"eval.resize must be 'keep_ratio' or 'detectron2', got {e.resize!r}")
+    return EvalResize(tuple(e.scale) if e.scale else None)
 
 
 def make_eval_step(trainer):
-    """Jitted (params, rest, images, labels, valid) -> (confusion (K, K), predictions (b, H, W))."""
+    """Jitted (params, rest, device batch) -> (confusion (K, K), predictions (b, H, W))."""
     cfg = trainer.config
     num_classes = cfg.model.num_classes
 
-    def step(params: Any, rest: Any, images: jax.Array, labels: jax.Array, valid: jax.Array):
+    def step(params: Any, rest: Any, batch: dict):
         model = nnx.merge(trainer.eval_graphdef, params, rest)
+        labels, valid = batch["label"], batch["valid"]  # (b, H, W) label canvas, (b,)
         preds = predict_at_label_size(
             lambda x: trainer.system.predict(model, x),
-            images,
+            batch["image"],
             labels.shape[1:3],
+            batch["valid_hw"],
+            batch["label_hw"],
             mode=cfg.eval.mode,
             crop=tuple(cfg.eval.crop),
             stride=tuple(cfg.eval.stride),
@@ -55,7 +66,8 @@ def evaluate(trainer, state, out_dir: str | Path | None = None, *, progress: boo
     source = build_source(cfg.data.source, cfg.data.root, cfg.eval.split, num_classes=num_classes)
     steps, batches = eval_batches(
         source,
-        EvalResize(_opt_tuple(cfg.eval.scale)),
+        eval_resize(cfg.eval),
+        canvas=EvalCanvas(cfg.eval.label_bucket, cfg.eval.image_bucket),
         global_batch=cfg.eval.batch_size,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
@@ -69,7 +81,7 @@ def evaluate(trainer, state, out_dir: str | Path | None = None, *, progress: boo
     for batch in tqdm(batches, total=steps, desc=f"eval {cfg.eval.split}", disable=not show, leave=False):
         arrays = trainer.device_batch(batch)
         with jax.set_mesh(trainer.mesh):
-            batch_cm, preds = eval_step(params, rest, arrays["image"], arrays["label"], arrays["valid"])
+            batch_cm, preds = eval_step(params, rest, arrays)
         cm += np.asarray(batch_cm, np.int64)
         if pictures_left > 0 and jax.process_index() == 0:
             local_preds = trainer.local_rows(preds)  # (b_local, H, W)

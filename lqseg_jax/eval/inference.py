@@ -13,8 +13,6 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from ..models.layers import resize_bilinear
-
 
 def window_starts(size: int, crop: int, stride: int) -> list[int]:
     """Start offsets of windows along one axis; the last window ends at the border."""
@@ -44,22 +42,52 @@ def slide_inference(
     return total / count
 
 
+def _axis_taps(valid_in: jax.Array, valid_out: jax.Array, out_len: int):
+    """Per-example bilinear taps along one axis, torch align_corners=False: output i of `valid_out` reads
+    input (i + 0.5) * valid_in / valid_out - 0.5, clamped to [0, valid_in - 1]."""
+    i = jnp.arange(out_len, dtype=jnp.float32)[None]  # (1, out)
+    scale = (valid_in / valid_out).astype(jnp.float32)[:, None]  # (b, 1)
+    src = jnp.maximum((i + 0.5) * scale - 0.5, 0.0)  # (b, out)
+    last = (valid_in - 1)[:, None]  # (b, 1)
+    i0 = jnp.minimum(jnp.floor(src).astype(jnp.int32), last)  # (b, out)
+    i1 = jnp.minimum(i0 + 1, last)  # (b, out)
+    return i0, i1, (src - i0)  # frac (b, out)
+
+
+def resize_valid_region(
+    scores: jax.Array, valid_hw: jax.Array, out_hw: tuple[int, int], label_hw: jax.Array
+) -> jax.Array:
+    """Crops each example's scores (b, h, w, K) to its valid_hw (b, 2) region and resizes it bilinearly
+    (align_corners=False, no antialias) onto the top-left label_hw (b, 2) region of an out_hw canvas.
+    Static shapes, per-example sizes: what detectron2's sem_seg_postprocess does one image at a time."""
+    y0, y1, fy = _axis_taps(valid_hw[:, 0], label_hw[:, 0], out_hw[0])  # (b, H)
+    x0, x1, fx = _axis_taps(valid_hw[:, 1], label_hw[:, 1], out_hw[1])  # (b, W)
+    r0 = jnp.take_along_axis(scores, y0[:, :, None, None], axis=1)  # (b, H, w, K)
+    r1 = jnp.take_along_axis(scores, y1[:, :, None, None], axis=1)  # (b, H, w, K)
+    s = r0 * (1.0 - fy)[..., None, None] + r1 * fy[..., None, None]  # (b, H, w, K)
+    c0 = jnp.take_along_axis(s, x0[:, None, :, None], axis=2)  # (b, H, W, K)
+    c1 = jnp.take_along_axis(s, x1[:, None, :, None], axis=2)  # (b, H, W, K)
+    return c0 * (1.0 - fx)[:, None, :, None] + c1 * fx[:, None, :, None]  # (b, H, W, K)
+
+
 def predict_at_label_size(
     predict_fn: Callable[[jax.Array], jax.Array],
     images: jax.Array,
-    label_hw: tuple[int, int],
+    label_shape: tuple[int, int],
+    valid_hw: jax.Array,
+    label_hw: jax.Array,
     *,
     mode: str = "whole",
     crop: tuple[int, int] = (512, 512),
     stride: tuple[int, int] = (341, 341),
 ) -> jax.Array:
-    """Class ids (b, H, W) at the label resolution: scores bilinearly resized, then argmax."""
+    """Class ids (b, H, W) on the label canvas: the scores of each image's valid region, resized to its
+    label's size, then argmax (canvas pixels outside label_hw carry label 255 and are not scored)."""
     if mode == "whole":
         scores = predict_fn(images)  # (b, h, w, K)
     elif mode == "slide":
         scores = slide_inference(predict_fn, images, crop, stride)  # (b, h, w, K)
     else:
         raise ValueError(f"eval.mode must be 'whole' or 'slide', got {mode!r}")
-    if scores.shape[1:3] != tuple(label_hw):
-        scores = resize_bilinear(scores.astype(jnp.float32), label_hw)  # (b, H, W, K)
+    scores = resize_valid_region(scores.astype(jnp.float32), valid_hw, label_shape, label_hw)  # (b, H, W, K)
     return jnp.argmax(scores, axis=-1).astype(jnp.int32)

@@ -37,6 +37,25 @@ class System(abc.ABC):
     def predict(self, model: nnx.Module, images: jax.Array) -> jax.Array:
         """uint8 images (b, h, w, 3) -> class scores (b, h, w, K) at input resolution (eval mode)."""
 
+    def training_images(self, batch: dict[str, jax.Array], rng: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(lq, hq) float32 images (b, h, w, 3) in [0, 255] for a training step. hq is the clean batch as it
+        reached the device; lq is hq degraded on the device by the Real-ESRGAN model
+        (lqseg_jax.data_pipelines.degradation, config.degradation.preset) when config.degradation.enabled,
+        else hq itself. Degradation randomness comes from `rng`, so it replays on resume."""
+        hq = batch["image"].astype(jnp.float32)  # (b, h, w, 3)
+        deg = self.config.get("degradation")
+        if not deg or not deg.enabled:
+            return hq, hq
+        from ..data_pipelines.degradation import degrade, get_config
+
+        lq = degrade(jax.random.fold_in(rng, 0xDE6), hq / 255.0, get_config(deg.preset)) * 255.0
+        return lq, hq
+
+    def predict_batch(self, model: nnx.Module, batch: dict[str, jax.Array]) -> jax.Array:
+        """Class scores (b, h, w, K) for a device batch, whose extra entries (from `host_batch`) a system may
+        use; default: `predict` on batch["image"]."""
+        return self.predict(model, batch["image"])
+
     def host_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
         """Host-side additions to this process's numpy batch before it goes to the devices (e.g. cached
         text embeddings looked up by image name). Every array in the result is sharded along the batch."""

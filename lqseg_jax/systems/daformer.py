@@ -42,9 +42,10 @@ class DAFormerSystem(System):
         return model(x).astype(jnp.float32)  # (b, h/4, w/4, K)
 
     def loss(self, model, batch, rng):
-        del rng  # dropout and drop-path draw from the model's reseeded "dropout" stream
+        # dropout and drop-path draw from the model's reseeded "dropout" stream
+        images, _ = self.training_images(batch, rng)  # (b, h, w, 3) degraded when configured
         labels = batch["label"]  # (b, h, w)
-        logits = resize_bilinear(self._logits(model, batch["image"]), labels.shape[1:3])  # (b, h, w, K)
+        logits = resize_bilinear(self._logits(model, images), labels.shape[1:3])  # (b, h, w, K)
         loss = cross_entropy(logits, labels, avg_non_ignore=self.config.model.avg_non_ignore)
         return loss, {"pixel_acc": pixel_accuracy(jnp.argmax(logits, -1), labels)}
 

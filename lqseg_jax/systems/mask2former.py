@@ -50,8 +50,9 @@ class Mask2FormerSystem(System):
         return model(normalize(images, d.mean, d.std, jnp.dtype(self.config.model.dtype)))
 
     def loss(self, model, batch, rng):
-        outputs = self._outputs(model, batch["image"])
-        loss, metrics = self.criterion.loss(outputs, batch["label"], rng)
+        images, _ = self.training_images(batch, rng)  # (b, h, w, 3) degraded when configured
+        outputs = self._outputs(model, images)
+        loss, metrics = self.criterion.loss(outputs, batch["label"], jax.random.fold_in(rng, 1))
         scores = semantic_inference(outputs, batch["label"].shape[1:3])  # (b, h, w, K)
         metrics = {k: v for k, v in metrics.items() if k in ("loss_ce", "loss_mask", "loss_dice")}
         return loss, {**metrics, "pixel_acc": pixel_accuracy(jnp.argmax(scores, -1), batch["label"])}

@@ -37,10 +37,14 @@ def base_config() -> ml_collections.ConfigDict:
             root="data/cityscapes",
             train_split="train",
             class_names=(),
+            augment="mmseg",  # "mmseg": TrainAugment; "detectron2": Detectron2TrainAugment (Mask2Former/RASS)
             crop=(512, 512),
-            scale=(),  # (long, short) keep-ratio resize before cropping; () = none
+            scale=(),  # mmseg: (long, short) keep-ratio resize before cropping; () = none
             ratio_range=(),  # random factor on `scale`; () = fixed
-            cat_max_ratio=1.0,
+            cat_max_ratio=1.0,  # mmseg cat_max_ratio / detectron2 single_category_max_area
+            min_sizes=(),  # detectron2: ResizeShortestEdge choices; () = Mask2Former's ADE20K list
+            max_size=2048,  # detectron2: ResizeShortestEdge max size
+            color_aug=True,  # detectron2: ColorAugSSD
             flip_prob=0.5,
             pad_value=0,
             mean=IMAGENET_MEAN,
@@ -52,10 +56,19 @@ def base_config() -> ml_collections.ConfigDict:
             ),
         )
     )
+    # On-device Real-ESRGAN degradation of training images (data_pipelines/degradation presets:
+    # rass, light, medium, heavy); the clean image stays the high-quality target.
+    c.degradation = ml_collections.ConfigDict(dict(enabled=False, preset="rass"))
     c.eval = ml_collections.ConfigDict(
         dict(
             split="val",
+            resize="keep_ratio",  # "keep_ratio": `scale` (long, short) or none; "detectron2": short edge + pad
             scale=(),
+            short_edge=512,
+            max_size=2048,
+            size_divisibility=8,
+            label_bucket=0,  # pad labels to a multiple (never changes metrics; bounds compiles)
+            image_bucket=0,  # pad images to a multiple (bounds compiles; 0 keeps evaluation exact)
             mode="whole",
             crop=(512, 512),
             stride=(341, 341),

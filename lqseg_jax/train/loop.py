@@ -20,6 +20,11 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
+from ..data_pipelines.detectron2_transforms import (
+    MASK2FORMER_ADE20K_MIN_SIZES,
+    ColorAugSSD,
+    Detectron2TrainAugment,
+)
 from ..data_pipelines.pipeline import train_dataset
 from ..data_pipelines.sources import build_source
 from ..data_pipelines.synthetic import ensure_data
@@ -86,7 +91,20 @@ class MetricWriter:
             self.tb.close()
 
 
-def train_augment(data: ml_collections.ConfigDict) -> TrainAugment:
+def train_augment(data: ml_collections.ConfigDict):
+    """The host-side training augmentation the config asks for."""
+    if data.augment == "detectron2":
+        return Detectron2TrainAugment(
+            crop=tuple(data.crop),
+            min_sizes=tuple(data.min_sizes) or MASK2FORMER_ADE20K_MIN_SIZES,
+            max_size=data.max_size,
+            single_category_max_area=data.cat_max_ratio,
+            color_aug=ColorAugSSD() if data.color_aug else None,
+            flip_prob=data.flip_prob,
+            pad_value=data.pad_value,
+        )
+    if data.augment != "mmseg":
+        raise ValueError(f"data.augment must be 'mmseg' or 'detectron2', got {data.augment!r}")
     return TrainAugment(
         crop=tuple(data.crop),
         scale=tuple(data.scale) if data.scale else None,

@@ -131,3 +131,14 @@ def test_rescale_and_crop_semantics():
     assert out["image"].shape == (32, 40, 3)
     assert (out["label"][20:] == 255).all() and (out["image"][20:] == 7).all()  # padded
     np.testing.assert_array_equal(out["image"][:20, :30], img)
+
+
+def test_eval_canvas_buckets_and_records_sizes(synthetic_root):
+    src = sources.ade20k_source(synthetic_root, "validation", num_classes=10)
+    canvas = transforms.EvalCanvas(label_bucket=64, image_bucket=0)
+    _, it = pipeline.eval_batches(src, transforms.EvalResize(), canvas=canvas, global_batch=2)
+    b = next(it)
+    assert b["label"].shape == (2, 128, 192) and b["image"].shape == (2, 120, 160, 3)
+    np.testing.assert_array_equal(b["label_hw"], [[120, 160]] * 2)
+    np.testing.assert_array_equal(b["valid_hw"], [[120, 160]] * 2)
+    assert (b["label"][:, 120:] == 255).all() and (b["label"][:, :, 160:] == 255).all()

@@ -34,3 +34,25 @@ def test_slide_windows_cover_and_average():
     np.testing.assert_allclose(
         slide_inference(per_pixel, images, (4, 5), (3, 3)), per_pixel(images), rtol=1e-6
     )
+
+
+def test_resize_valid_region_matches_torch_on_the_crop():
+    import torch
+    import torch.nn.functional as F
+
+    from lqseg_jax.eval.inference import resize_valid_region
+
+    rng = np.random.default_rng(1)
+    scores = rng.normal(size=(2, 24, 40, 3)).astype(np.float32)  # padded canvases
+    valid_hw = np.array([[24, 40], [17, 29]], np.int32)  # image regions before padding
+    label_hw = np.array([[50, 33], [9, 61]], np.int32)  # original label sizes (down and up scaling)
+    out = np.asarray(
+        resize_valid_region(jnp.asarray(scores), jnp.asarray(valid_hw), (56, 64), jnp.asarray(label_hw))
+    )
+    for b in range(2):
+        (vh, vw), (lh, lw) = valid_hw[b], label_hw[b]
+        crop = torch.from_numpy(scores[b, :vh, :vw]).permute(2, 0, 1)[None]
+        ref = F.interpolate(crop, size=(int(lh), int(lw)), mode="bilinear", align_corners=False)[0].permute(
+            1, 2, 0
+        )
+        np.testing.assert_allclose(out[b, :lh, :lw], ref.numpy(), atol=1e-5)
