@@ -18,7 +18,9 @@ from lqseg_jax.train.loop import train
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--variants", default="daformer", help="comma-separated configs/demo.py variants")
+    parser.add_argument(
+        "--variants", default="daformer,mask2former", help="comma-separated configs/demo.py variants"
+    )
     parser.add_argument("--out", default="runs/demo")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
