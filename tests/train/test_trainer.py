@@ -95,3 +95,13 @@ def test_checkpoint_from_other_model_config_is_rejected(tmp_path, synthetic_root
         r"'mit_b0', config has 'mit_b1'",
     ):
         train(other, tmp_path)
+
+
+def test_bf16_compute_keeps_fp32_params():
+    trainer = Trainer(tiny(**{"model.dtype": "bfloat16"}), make_mesh(1, 1, jax.devices()[:1]))
+    state = trainer.init_state()
+    state, metrics = trainer.train_step(state, trainer.device_batch(random_batch()), trainer.step_rng(0))
+    assert np.isfinite(float(metrics["loss"]))
+    assert {str(x.dtype) for x in jax.tree.leaves(state.params)} == {"float32"}
+    # the warmup schedule's first value: lr * warmup_ratio (mmcv linear warmup)
+    np.testing.assert_allclose(float(metrics["lr"]), 6e-4 * 1e-6, rtol=1e-5)
