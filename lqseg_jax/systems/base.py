@@ -16,6 +16,7 @@ import ml_collections
 from flax import nnx
 
 IGNORE = 255
+BATCH_AXES = ("data", "fsdp")  # = lqseg_jax.train.mesh.BATCH_AXES (systems do not import the trainer)
 
 
 class System(abc.ABC):
@@ -48,13 +49,21 @@ class System(abc.ABC):
             return hq, hq
         from ..data_pipelines.degradation import degrade, get_config
 
-        lq = degrade(jax.random.fold_in(rng, 0xDE6), hq / 255.0, get_config(deg.preset)) * 255.0
+        # Under the trainer's mesh the batch is split over the batch axes and each device degrades its images.
+        mesh = jax.sharding.get_abstract_mesh()
+        split = {} if mesh.empty else {"mesh": mesh, "batch_axis": BATCH_AXES}
+        lq = degrade(jax.random.fold_in(rng, 0xDE6), hq / 255.0, get_config(deg.preset), **split) * 255.0
         return lq, hq
 
     def predict_batch(self, model: nnx.Module, batch: dict[str, jax.Array]) -> jax.Array:
         """Class scores (b, h, w, K) for a device batch, whose extra entries (from `host_batch`) a system may
         use; default: `predict` on batch["image"]."""
         return self.predict(model, batch["image"])
+
+    def frozen_outside_model(self) -> dict[str, nnx.Module]:
+        """Abstract (shape-only) copies of the frozen networks the system runs outside the model and its
+        train state, by name (e.g. a text encoder used in `host_batch`); for parameter counts."""
+        return {}
 
     def host_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
         """Host-side additions to this process's numpy batch before it goes to the devices (e.g. cached
