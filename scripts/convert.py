@@ -12,7 +12,9 @@ import lqseg_jax.convert
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="format", required=True, metavar="FORMAT")
     for info in sorted(pkgutil.iter_modules(lqseg_jax.convert.__path__), key=lambda m: m.name):
         module = importlib.import_module(f"lqseg_jax.convert.{info.name}")

@@ -1,9 +1,15 @@
-"""Evaluate the latest checkpoint of a workdir on config.eval.split.
+"""Evaluate a training workdir's latest checkpoint, or converted released weights, on config.eval.split.
 
     python scripts/eval.py --config configs/daformer.py:tiny --workdir runs/tiny
+    python scripts/eval.py --config configs/rass.py --converted converted/rass \\
+        --config.model.tokenizer=converted/sd21/tokenizer --config.prompt.tags_file=tags/ade_val.json
+    python scripts/eval.py --config configs/rass.py:tiny --workdir runs/rass_tiny --robustness
 
-Writes WORKDIR/eval/metrics.json (mIoU, per_class_iou, num_images), per_class_iou.txt and pictures
-(image | prediction | ground truth) under WORKDIR/eval/pictures, and prints the table.
+Writes OUT/metrics.json (mIoU, per_class_iou, num_images), per_class_iou.txt and pictures
+(image | prediction | ground truth) under OUT/pictures, and prints the table; OUT is --out, else
+WORKDIR/eval or CONVERTED/eval. With --robustness the same images are evaluated clean and degraded at the
+light / medium / heavy presets (seeded by --degradation_seed and the image index): OUT/robustness.json
+(mIoU per severity), OUT/robustness.png (the curve) and one result folder per severity.
 """
 
 import logging
@@ -16,8 +22,12 @@ from ml_collections import config_flags
 from lqseg_jax.train.distributed import initialize_from_env
 
 config_flags.DEFINE_config_file("config", None, "experiment config file[:variant]", lock_config=True)
-flags.DEFINE_string("workdir", None, "the training workdir whose latest checkpoint is evaluated")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.DEFINE_string("workdir", None, "a training workdir: its latest checkpoint is evaluated")
+flags.DEFINE_string("converted", None, "a scripts/convert.py output folder to evaluate instead of a workdir")
+flags.DEFINE_string("out", None, "results folder (default WORKDIR/eval or CONVERTED/eval)")
+flags.DEFINE_bool("robustness", False, "also evaluate degraded copies at the light/medium/heavy presets")
+flags.DEFINE_integer("degradation_seed", 0, "seed of the per-image degradation draws (--robustness)")
+flags.mark_flags_as_required(["config"])
 
 
 def main(argv):
@@ -25,10 +35,25 @@ def main(argv):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save step at INFO
     initialize_from_env()
-    from lqseg_jax.eval.evaluate import evaluate_workdir
+    from lqseg_jax.eval.evaluate import evaluate, load_converted_state, restore_workdir
+    from lqseg_jax.eval.robustness import robustness_curve
 
-    summary = evaluate_workdir(flags.FLAGS.config, flags.FLAGS.workdir)
-    out = Path(flags.FLAGS.workdir) / "eval"
+    f = flags.FLAGS
+    if (f.workdir is None) == (f.converted is None):
+        raise app.UsageError("give exactly one of --workdir and --converted")
+    if f.workdir is not None:
+        trainer, state = restore_workdir(f.config, f.workdir)
+    else:
+        trainer, state = load_converted_state(f.config, f.converted)
+    out = Path(f.out) if f.out else Path(f.workdir or f.converted) / "eval"
+    if f.robustness:
+        record = robustness_curve(trainer, state, out, seed=f.degradation_seed)
+        print("\n".join(f"{name:<8} mIoU {miou:6.2f}" for name, miou in record["mIoU"].items()))
+        print(
+            f"{record['num_images']} images; curve in {out}/robustness.png, values in {out}/robustness.json"
+        )
+        return
+    summary = evaluate(trainer, state, out)
     print(summary["table"])
     print(
         f"mIoU {summary['mIoU']:.2f} on {summary['num_images']} images; results in {out}/metrics.json, "

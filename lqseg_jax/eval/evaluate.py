@@ -35,8 +35,22 @@ def eval_resize(e):
     return EvalResize(tuple(e.scale) if e.scale else None)
 
 
+def degrade_uint8(key: jax.Array, images: jax.Array, indices: jax.Array, cfg) -> jax.Array:
+    """uint8 images (b, h, w, 3) degraded by the Real-ESRGAN model `cfg` (a degradation preset config), image
+    i with key fold_in(key, indices[i]): the same image gets the same degradation in any batch layout."""
+    from ..data_pipelines.degradation import degrade
+
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(indices)  # (b,) keys
+    x = degrade(keys, images.astype(jnp.float32) / 255.0, cfg)  # (b, h, w, 3), multiples of 1/255
+    return jnp.round(x * 255.0).astype(jnp.uint8)
+
+
 def make_eval_step(trainer):
-    """Jitted (params, rest, device batch) -> (confusion (K, K), predictions (b, H, W))."""
+    """Jitted (params, rest, device batch) -> (confusion (K, K), predictions (b, H, W)); one per trainer, so
+    repeated evaluations (training-time, robustness curves) reuse its compilations."""
+    cached = getattr(trainer, "_eval_step", None)
+    if cached is not None:
+        return cached
     cfg = trainer.config
     num_classes = cfg.model.num_classes
 
@@ -44,7 +58,7 @@ def make_eval_step(trainer):
         model = nnx.merge(trainer.eval_graphdef, params, rest)
         labels, valid = batch["label"], batch["valid"]  # (b, H, W) label canvas, (b,)
         preds = predict_at_label_size(
-            lambda x: trainer.system.predict(model, x),
+            lambda x: trainer.system.predict_batch(model, {**batch, "image": x}),
             batch["image"],
             labels.shape[1:3],
             batch["valid_hw"],
@@ -56,11 +70,22 @@ def make_eval_step(trainer):
         labels = jnp.where(valid[:, None, None], labels, IGNORE)
         return confusion_matrix(preds, labels, num_classes), preds
 
-    return jax.jit(step)
+    trainer._eval_step = jax.jit(step)
+    return trainer._eval_step
 
 
-def evaluate(trainer, state, out_dir: str | Path | None = None, *, progress: bool = True) -> dict:
-    """Evaluates `state` on config.eval.split; writes metrics.json, the table and pictures to `out_dir`."""
+def evaluate(
+    trainer,
+    state,
+    out_dir: str | Path | None = None,
+    *,
+    progress: bool = True,
+    degradation=None,
+    degradation_seed: int = 0,
+) -> dict:
+    """Evaluates `state` on config.eval.split; writes metrics.json, the table and pictures to `out_dir`.
+    With `degradation` (a data_pipelines.degradation preset config) every input image is degraded on the
+    device first, seeded by (degradation_seed, image index)."""
     cfg = trainer.config
     num_classes = cfg.model.num_classes
     source = build_source(cfg.data.source, cfg.data.root, cfg.eval.split, num_classes=num_classes)
@@ -73,14 +98,24 @@ def evaluate(trainer, state, out_dir: str | Path | None = None, *, progress: boo
         process_count=jax.process_count(),
     )
     eval_step = make_eval_step(trainer)
+    if degradation is not None:
+        key = jax.random.key(degradation_seed)
+        degrade_fn = jax.jit(lambda x, index: degrade_uint8(key, x, index, degradation))
+    local = cfg.eval.batch_size // jax.process_count()
     params, rest = trainer.eval_params(state), state.rest
     cm = np.zeros((num_classes, num_classes), np.int64)
     pictures_left = cfg.eval.num_pictures if out_dir is not None else 0
     out_dir = Path(out_dir) if out_dir is not None else None
     show = progress and jax.process_index() == 0
-    for batch in tqdm(batches, total=steps, desc=f"eval {cfg.eval.split}", disable=not show, leave=False):
+    for t, batch in enumerate(
+        tqdm(batches, total=steps, desc=f"eval {cfg.eval.split}", disable=not show, leave=False)
+    ):
+        first = t * cfg.eval.batch_size + jax.process_index() * local  # global index of the first local image
+        batch = {**batch, "index": np.arange(first, first + local, dtype=np.int32)}
         arrays = trainer.device_batch(batch)
         with jax.set_mesh(trainer.mesh):
+            if degradation is not None:
+                arrays["image"] = degrade_fn(arrays["image"], arrays["index"])  # (b, h, w, 3) uint8
             batch_cm, preds = eval_step(params, rest, arrays)
         cm += np.asarray(batch_cm, np.int64)
         if pictures_left > 0 and jax.process_index() == 0:
@@ -107,8 +142,8 @@ def evaluate(trainer, state, out_dir: str | Path | None = None, *, progress: boo
     return summary
 
 
-def evaluate_workdir(config, workdir: str | Path, *, progress: bool = True) -> dict:
-    """Restores WORKDIR's latest checkpoint (checking it fits `config`) and evaluates it into WORKDIR/eval."""
+def restore_workdir(config, workdir: str | Path):
+    """(trainer, state) of WORKDIR's latest checkpoint, after checking that it fits `config`."""
     from ..train.checkpoint import Checkpointer
     from ..train.trainer import Trainer
 
@@ -121,4 +156,24 @@ def evaluate_workdir(config, workdir: str | Path, *, progress: bool = True) -> d
     ckpt.check_config(step, config)
     state, _ = ckpt.restore(step, trainer.abstract_state)
     ckpt.close()
+    return trainer, state
+
+
+def load_converted_state(config, path: str | Path):
+    """(trainer, state) whose weights come from a `scripts/convert.py` output folder: a fresh state with
+    config.model.pretrained.path = path, loaded by the system's `load_pretrained`."""
+    from ..train.trainer import Trainer
+
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"converted checkpoint folder {path} does not exist")
+    config = config.copy_and_resolve_references()
+    config.model.pretrained.path = str(path)
+    ensure_data(config)
+    trainer = Trainer(config)
+    return trainer, trainer.init_state()
+
+
+def evaluate_workdir(config, workdir: str | Path, *, progress: bool = True) -> dict:
+    """Restores WORKDIR's latest checkpoint (checking it fits `config`) and evaluates it into WORKDIR/eval."""
+    trainer, state = restore_workdir(config, workdir)
     return evaluate(trainer, state, Path(workdir) / "eval", progress=progress)

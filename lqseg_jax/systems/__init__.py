@@ -11,6 +11,7 @@ from .base import System
 SYSTEMS = {
     "daformer": "lqseg_jax.systems.daformer:DAFormerSystem",
     "mask2former": "lqseg_jax.systems.mask2former:Mask2FormerSystem",
+    "rass": "lqseg_jax.systems.rass:RASSSystem",
 }
 
 

@@ -108,14 +108,10 @@ class PromptProvider:
         return np.stack([self.embedding(self.prompt(n)) for n in names])  # (b, tokens, dim)
 
 
-def byte_level_clip_tokenizer(model_max_length: int = 77):
-    """A transformers CLIPTokenizer over single bytes (no BPE merges; 514 ids: 256 bytes, 256 bytes ending a
-    word, <|startoftext|>, <|endoftext|>), padded with "!" like SD 2.x's. For tiny configs trained from
-    scratch, which have no released vocabulary; real configs load the SD 2.1 tokenizer folder."""
-    import tempfile
-
-    from transformers import CLIPTokenizer
-
+def write_byte_level_tokenizer(folder: str | Path, model_max_length: int = 77) -> Path:
+    """Writes a CLIP tokenizer folder (vocab.json, merges.txt, configs) over single bytes: no BPE merges; 514
+    ids: 256 bytes, 256 bytes ending a word, <|startoftext|>, <|endoftext|>; padded with "!" like SD 2.x's.
+    For tiny configs trained from scratch, which have no released vocabulary."""
     bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     cs, extra = bs[:], 0
     for b in range(256):
@@ -125,13 +121,22 @@ def byte_level_clip_tokenizer(model_max_length: int = 77):
             extra += 1
     chars = [chr(c) for c in cs]  # GPT-2's byte -> unicode table, as CLIP's BPE uses
     vocab = [*chars, *(c + "</w>" for c in chars), "<|startoftext|>", "<|endoftext|>"]
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
+    config = dict(special, pad_token="!", model_max_length=model_max_length, tokenizer_class="CLIPTokenizer")
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    (folder / "special_tokens_map.json").write_text(json.dumps(dict(special, pad_token="!")))
+    return folder
+
+
+def byte_level_clip_tokenizer(model_max_length: int = 77):
+    """The `write_byte_level_tokenizer` tokenizer, loaded (transformers CLIPTokenizer)."""
+    import tempfile
+
+    from ..models.clip_text import load_tokenizer
+
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
-        (folder / "merges.txt").write_text("#version: 0.2\n")
-        return CLIPTokenizer(
-            str(folder / "vocab.json"),
-            str(folder / "merges.txt"),
-            pad_token="!",
-            model_max_length=model_max_length,
-        )
+        return load_tokenizer(write_byte_level_tokenizer(tmp, model_max_length))

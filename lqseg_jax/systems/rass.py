@@ -1,0 +1,229 @@
+"""RASS: restoration-adapted SD 2.1 features + Mask2Former for low-quality images (rass.md).
+
+Model: `lqseg_jax.models.rass_backbone.RASS` (SD VAE encoder + UNet at t = 1 with rank-4 LoRA, feature
+projections, Mask2Former head). Per step, on the device batch:
+  HQ = the raw 0-255 RGB image (pixel mean/std are never applied, as in the original)
+  LQ = HQ degraded on the device (`System.training_images`: the second-order Real-ESRGAN model of
+       `config.degradation`, on by default here), else HQ
+  outputs = model(LQ / 127.5 - 1, text embeddings, key); loss = Mask2Former criterion (class, mask BCE,
+  dice, deep supervision). `loss` keeps HQ as the restoration target for future losses.
+Prediction: the same backbone in sliding windows (`model.slide_inference`), the head once, Mask2Former
+semantic inference (softmax classes x sigmoid masks) at the input size.
+
+Trainable (the `trainable` filter): the stage-2 LoRA factors, the whole unet.conv_in, the feature
+projections and the head. Frozen (in the train state's `rest`): the UNet base weights, the VAE.
+
+Text: the frozen CLIP text encoder is NOT in the model or the train state. It belongs to this system's
+`PromptProvider`, which runs on the host side (`host_batch`): each distinct prompt is encoded once and
+cached, and the batch carries "text_emb" (b, 77, d). Keeping it out of the state saves its 340M
+parameters (1.4 GB fp32) in every checkpoint and in the optimizer's bookkeeping, and it is never
+differentiated. It is (re)loaded from the config's paths when a prompt is first needed (training, resume,
+evaluation), or initialised from `config.seed` for configs trained from scratch.
+
+Pretrained weights (`config.model.pretrained`):
+  path: a `scripts/convert.py rass` output (OUT/model + OUT/text_encoder): the released RASS weights,
+        whose UNet base layers hold the SCR weights already merged (scr.pkl is not released);
+  sd:   a `scripts/convert.py sd` output (unet/, vae/, text_encoder/, tokenizer/) to train from SD 2.1.
+        A UNet converted with peft adapters (e.g. an SCR restoration LoRA) has them merged into its base
+        weights first, as RASS does (merge_and_unload), then gets fresh stage-2 adapters.
+`config.model.tokenizer` names the CLIP tokenizer folder (default: pretrained.sd/tokenizer; a byte-level
+tokenizer for configs without pretrained text weights).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ..models.clip_text import CLIPTextModel, _encode_ids, load_tokenizer, tokenize
+from ..models.lora import LoRAParam, apply_lora, lora_layout, merge_lora
+from ..models.mask2former import Mask2FormerCriterion, rass_config, semantic_inference
+from ..models.rass_backbone import RASS, RASSConfig
+from .base import System, pixel_accuracy
+from .prompts import PromptProvider, byte_level_clip_tokenizer
+
+_UNET_CONV_IN = ("backbone", "feature_extractor", "sd", "unet", "conv_in")
+
+
+def rass_trainable(path: tuple, variable: Any) -> bool:
+    """RASS's trained set (ras.py set_train + the detectron2 head): LoRA factors, unet.conv_in, the feature
+    projections, the Mask2Former head."""
+    if not isinstance(variable, nnx.Param):
+        return False
+    if isinstance(variable, LoRAParam):
+        return True
+    names = tuple(str(p) for p in path)
+    return names[:1] == ("sem_seg_head",) or "feature_projections" in names or names[:5] == _UNET_CONV_IN
+
+
+def model_config(config) -> RASSConfig:
+    """The RASSConfig of an experiment config (config.model)."""
+    m = config.model
+    proj = m.projection
+    head = dataclasses.replace(
+        rass_config(**m.head.to_dict()),
+        num_classes=m.num_classes,
+        dtype=m.dtype,
+        in_channels=(proj.dim,) * 4,
+    )
+    return RASSConfig(
+        unet=m.unet.to_dict(),
+        vae=m.vae.to_dict(),
+        head=head,
+        projection_dim=proj.dim,
+        projection_groups=proj.norm_groups,
+        lora_rank=m.lora.rank,
+        lora_alpha=m.lora.alpha,
+        timestep=m.timestep,
+        dtype=m.dtype,
+        remat=m.remat,
+    )
+
+
+class RASSSystem(System):
+    trainable = staticmethod(rass_trainable)
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.model_config = model_config(config)
+        self.criterion = Mask2FormerCriterion(self.model_config.head)
+        self._prompts: PromptProvider | None = None
+
+    def build_model(self, rngs: nnx.Rngs) -> RASS:
+        return RASS(self.model_config, rngs=rngs)
+
+    # ------------------------------------------------------------------ prompts (host side)
+    def text_encoder_and_tokenizer(self) -> tuple[CLIPTextModel, Any]:
+        """The frozen CLIP text encoder and its tokenizer, from the config's paths (module docstring)."""
+        from ..convert.diffusers_sd import load_sd_component
+
+        m = self.config.model
+        p = m.pretrained
+        folder = Path(p.path) if p.path else Path(p.sd) if p.sd else None
+        if folder is not None:
+            text_encoder = load_sd_component(folder / "text_encoder")
+            tok_dir = m.tokenizer or (str(Path(p.sd) / "tokenizer") if p.sd else "")
+            if not tok_dir:
+                raise ValueError(
+                    f"config.model.tokenizer is empty: the text encoder of {folder} needs the SD 2.1 tokenizer "
+                    "folder (a `scripts/convert.py sd` output's tokenizer/, or the diffusers folder's)"
+                )
+            tokenizer = load_tokenizer(tok_dir)
+        else:
+            text_encoder = CLIPTextModel(m.text_encoder.to_dict(), rngs=nnx.Rngs(self.config.seed))
+            max_len = text_encoder.config.max_position_embeddings
+            tokenizer = load_tokenizer(m.tokenizer) if m.tokenizer else byte_level_clip_tokenizer(max_len)
+        cross = self.model_config.unet_config.cross_dims[0]
+        if text_encoder.config.hidden_size != cross:
+            raise ValueError(
+                f"text encoder width {text_encoder.config.hidden_size} != UNet cross_attention_dim {cross}"
+            )
+        if len(tokenizer) > text_encoder.config.vocab_size:
+            raise ValueError(
+                f"tokenizer has {len(tokenizer)} tokens, the text encoder's vocabulary {text_encoder.config.vocab_size}"
+            )
+        return text_encoder, tokenizer
+
+    def frozen_outside_model(self) -> dict[str, nnx.Module]:
+        from ..models.tracing import abstract_model
+
+        text = self.config.model.text_encoder.to_dict()
+        return {"text_encoder": abstract_model(lambda: CLIPTextModel(text, rngs=nnx.Rngs(0)))}
+
+    @property
+    def prompts(self) -> PromptProvider:
+        if self._prompts is None:
+            text_encoder, tokenizer = self.text_encoder_and_tokenizer()
+            max_len = tokenizer.model_max_length
+
+            def encode(prompt: str) -> np.ndarray:
+                ids = tokenize(tokenizer, [prompt], max_len)  # (1, tokens)
+                return np.asarray(_encode_ids(text_encoder, jnp.asarray(ids, jnp.int32)))[0]  # (tokens, d)
+
+            pc = self.config.prompt
+            self._prompts = PromptProvider(
+                pc.mode,
+                encode,
+                text=pc.text,
+                tags_file=pc.tags_file,
+                suffix=pc.suffix,
+                cache_size=pc.cache_size,
+            )
+        return self._prompts
+
+    def host_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
+        if self.config.prompt.mode == "tags":
+            if "name" not in batch:
+                raise ValueError(
+                    f"prompt mode 'tags' needs the image names in the batch (key 'name'); the batch has "
+                    f"{sorted(batch)}"
+                )
+            names = list(batch["name"])
+        else:
+            names = [""] * len(batch["image"])
+        return {**batch, "text_emb": self.prompts(names)}  # (b, tokens, d) float32
+
+    # ------------------------------------------------------------------ device side
+    def loss(self, model, batch, rng):
+        lq, _hq = self.training_images(batch, rng)  # (b, H, W, 3) in [0, 255]; _hq: the clean target
+        k_latent, k_criterion = jax.random.fold_in(rng, 1), jax.random.fold_in(rng, 2)
+        outputs = model(lq / 127.5 - 1.0, batch["text_emb"], k_latent)  # LQ mapped to [-1, 1]
+        loss, metrics = self.criterion.loss(outputs, batch["label"], k_criterion)
+        scores = semantic_inference(outputs, batch["label"].shape[1:3])  # (b, H, W, K)
+        metrics = {k: v for k, v in metrics.items() if k in ("loss_ce", "loss_mask", "loss_dice")}
+        return loss, {**metrics, "pixel_acc": pixel_accuracy(jnp.argmax(scores, -1), batch["label"])}
+
+    def predict_batch(self, model, batch):
+        """Class scores (b, H, W, K) for batch["image"] (uint8) with batch["text_emb"]; sliding-window
+        backbone when config.model.slide_inference. The posterior sample uses a key from config.seed."""
+        x = batch["image"].astype(jnp.float32) / 255.0 * 2.0 - 1.0  # (b, H, W, 3)
+        key = jax.random.key(self.config.seed)
+        outputs = model(x, batch["text_emb"], key, slide=self.config.model.slide_inference)
+        return semantic_inference(outputs, x.shape[1:3], padded_hw=x.shape[1:3])  # (b, H, W, K)
+
+    def predict(self, model, images):
+        """Scores for images alone: the prompt of modes "empty" and "fixed" is the same for every image."""
+        if self.config.prompt.mode == "tags":
+            raise ValueError("prompt mode 'tags' needs image names: use predict_batch with batch['text_emb']")
+        with jax.ensure_compile_time_eval():
+            emb = self.prompts([""])  # (1, tokens, d)
+        text = jnp.broadcast_to(jnp.asarray(emb), (images.shape[0], *emb.shape[1:]))
+        return self.predict_batch(model, {"image": images, "text_emb": text})
+
+    # ------------------------------------------------------------------ pretrained weights
+    def has_pretrained(self) -> bool:
+        p = self.config.model.pretrained
+        return bool(p.path or p.sd)
+
+    def load_pretrained(self, model: RASS) -> str:
+        from ..convert.common import CheckpointError, load_converted
+        from ..convert.diffusers_sd import load_sd_component
+
+        p = self.config.model.pretrained
+        if p.path:
+            meta = load_converted(Path(p.path) / "model", model)
+            if meta.get("format") != "rass":
+                raise CheckpointError(
+                    f"{p.path}/model was not written by `convert.py rass` ({meta.get('format')!r})"
+                )
+            return f"RASS weights {p.path} (UNet with merged SCR weights; source {meta.get('source', '?')})"
+        sd = model.backbone.feature_extractor.sd
+        unet = load_sd_component(Path(p.sd) / "unet")
+        merged = merge_lora(unet) if lora_layout(unet) else 0
+        if self.model_config.lora_rank:
+            apply_lora(
+                unet,
+                self.model_config.lora_rank,
+                self.model_config.lora_alpha,
+                rngs=nnx.Rngs(self.config.seed),
+            )
+        nnx.update(sd.unet, nnx.state(unet, nnx.Param))
+        nnx.update(sd.vae, nnx.state(load_sd_component(Path(p.sd) / "vae"), nnx.Param))
+        note = f", {merged} adapted layers merged into the UNet base weights" if merged else ""
+        return f"SD UNet and VAE from {p.sd}{note}; new stage-2 LoRA adapters, projections and head"
