@@ -55,7 +55,14 @@ def uniforms(key: jax.Array, shape: tuple[int, ...], method: str) -> jax.Array:
         bits = _lowbias32(_lowbias32(count ^ seed[0]) + seed[1])
     else:
         raise ValueError(f"noise rng: expected one of {NOISE_RNGS}, got {method!r}")
-    return ((bits >> 8).astype(jnp.float32) + 0.5) * (1.0 / (1 << 24))
+    return open_unit(bits)
+
+
+def open_unit(bits: jax.Array) -> jax.Array:
+    """uint32 bits -> float32 uniforms strictly inside (0, 1): the top 23 bits, centred in their cell, so
+    the largest is 1 - 2^-24. (With 24 bits the top cell's centre 1 - 2^-25 rounds to exactly 1.0 in float32,
+    where the normal quantile is infinite and the Poisson quantile NaN.)"""
+    return ((bits >> 9).astype(jnp.float32) + 0.5) * (1.0 / (1 << 23))
 
 
 def normal_quantile(u: jax.Array) -> jax.Array:

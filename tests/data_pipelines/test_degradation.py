@@ -316,6 +316,15 @@ def test_poisson_sampler_against_scipy(lam, tv_max):
     assert abs(x.mean() / lam - 1) < 1e-4 and abs(x.var() / lam - 1) < 1e-3
 
 
+def test_uniform_extremes_stay_inside_the_open_interval():
+    # Regression: 24-bit uniforms rounded the top cell to 1.0, and Poisson noise turned a pixel into NaN.
+    u = np.asarray(nz.open_unit(jnp.asarray([0, 1, 2**31, 2**32 - 1], jnp.uint32)))
+    assert 0 < u.min() and u.max() < 1 and u[-1] == np.float32(1 - 2**-24)
+    lam = jnp.full(u.shape, 98.4, jnp.float32)
+    assert np.isfinite(np.asarray(nz.normal_quantile(jnp.asarray(u)))).all()
+    assert np.isfinite(np.asarray(nz.poisson_quantile(lam, jnp.asarray(u)))).all()
+
+
 def test_hash_uniforms_are_uniform_and_keyed():
     for method in nz.NOISE_RNGS:
         a = np.asarray(nz.uniforms(jax.random.key(0), (4, 128, 128), method)).ravel()
