@@ -33,6 +33,20 @@ def fast_init_tracing() -> Iterator[None]:
         tracer._origin_msg = original
 
 
+@contextlib.contextmanager
+def light_compilation() -> Iterator[None]:
+    """XLA's most expensive optimisations off while inside: for one-off computations such as an eager
+    model build, where each op's compile time matters and its run time does not."""
+    import jax
+
+    previous = jax.config.values["jax_disable_most_optimizations"]
+    jax.config.update("jax_disable_most_optimizations", True)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_disable_most_optimizations", previous)
+
+
 def abstract_model(make: Callable[[], T]) -> T:
     """`nnx.eval_shape(make)` without the quadratic tracing cost: shapes only, no memory."""
     with fast_init_tracing():

@@ -21,12 +21,14 @@ from flax import nnx, struct
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from ..models.tracing import abstract_model, fast_init_tracing
+from ..models.tracing import abstract_model, fast_init_tracing, light_compilation, param_count
 from ..systems import get_system
 from .mesh import batch_sharding, make_mesh, replicated, state_shardings
 from .optim import build_optimizer
 
 log = logging.getLogger(__name__)
+
+HOST_INIT_PARAMS = 200_000_000  # below: build on the host and place; above: one sharded jitted init
 
 
 @struct.dataclass
@@ -58,6 +60,7 @@ class Trainer:
             )
         self.system = get_system(config)
         abstract = abstract_model(lambda: self.system.build_model(nnx.Rngs(params=0, dropout=0)))
+        self.num_params = param_count(abstract)
         abstract.train()
         self.graphdef, abs_params, _ = nnx.split(abstract, self.system.trainable, ...)
         abstract.eval()
@@ -110,13 +113,21 @@ class Trainer:
         return self._state_from_parts(params, rest)
 
     def init_state(self) -> TrainState:
-        """A fresh state created directly in its shardings, or, when the system loads pretrained weights,
-        built on the host, filled, and placed in its shardings."""
-        if not self.system.has_pretrained():
+        """A fresh state placed in its shardings.
+
+        Models under HOST_INIT_PARAMS parameters, and any model the system loads pretrained weights into,
+        are built eagerly on the host (one-off ops, compiled with light optimisation: 16 s for tiny RASS
+        where one jitted init compiles for 80 s on CPU), filled, and placed in their shardings. Larger
+        models without pretrained weights are created by one jitted init directly in their shardings, so
+        no device ever holds more than its shard.
+        """
+        if not self.system.has_pretrained() and self.num_params >= HOST_INIT_PARAMS:
             with fast_init_tracing():
                 return jax.jit(self._init, out_shardings=self.state_sharding)()
-        model = self._new_model()
-        log.info("loaded pretrained weights: %s", self.system.load_pretrained(model))
+        with light_compilation():
+            model = self._new_model()
+        if self.system.has_pretrained():
+            log.info("loaded pretrained weights: %s", self.system.load_pretrained(model))
         model.train()
         _, params, rest = nnx.split(model, self.system.trainable, ...)
         sh = self.state_sharding
