@@ -3,13 +3,19 @@
 Variants, all on the same data, steps and batch:
   "daformer" (default): MiT-B0 + DAFormer head (configs/daformer.py:tiny).
   "mask2former": MiT-B0 + a narrow Mask2Former head (configs/mask2former.py:tiny).
+  "rass": toy-size RASS (VAE + LoRA UNet + projections + Mask2Former head) trained on degraded images
+          (configs/rass.py:tiny).
 """
 
 import ml_collections
 
 from lqseg_jax.train.config import load_config
 
-VARIANTS = {"daformer": "configs/daformer.py:tiny", "mask2former": "configs/mask2former.py:tiny"}
+VARIANTS = {
+    "daformer": "configs/daformer.py:tiny",
+    "mask2former": "configs/mask2former.py:tiny",
+    "rass": "configs/rass.py:tiny",
+}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

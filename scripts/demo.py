@@ -1,5 +1,7 @@
 """`make demo`: writes the synthetic scenes, trains each demo network on CPU, evaluates, prints mIoU.
 
+Default: DAFormer (MiT-B0) and tiny RASS; `--variants daformer,mask2former` compares the two heads.
+
 Runs from scratch each time into runs/demo/<variant>; the dataset is written once to data/synthetic.
 """
 
@@ -19,7 +21,9 @@ from lqseg_jax.train.loop import train
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument(
-        "--variants", default="daformer,mask2former", help="comma-separated configs/demo.py variants"
+        "--variants",
+        default="daformer,rass",
+        help="comma-separated configs/demo.py variants (daformer, mask2former, rass)",
     )
     parser.add_argument("--out", default="runs/demo")
     args = parser.parse_args(argv)

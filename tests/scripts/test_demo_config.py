@@ -1,0 +1,18 @@
+"""configs/demo.py: every variant `make demo` may run loads, on the same data and schedule."""
+
+import pytest
+
+from lqseg_jax.train.config import load_config
+
+
+@pytest.mark.parametrize("variant", ["daformer", "mask2former", "rass"])
+def test_demo_variants_share_data_and_schedule(variant):
+    cfg = load_config(f"configs/demo.py:{variant}")
+    assert cfg.data.root == "data/synthetic" and cfg.data.synthetic.enabled
+    assert (cfg.total_steps, cfg.batch_size, tuple(cfg.data.crop)) == (300, 8, (96, 96))
+    assert cfg.system == {"daformer": "daformer", "mask2former": "mask2former", "rass": "rass"}[variant]
+
+
+def test_unknown_demo_variant_is_named():
+    with pytest.raises(ValueError, match=r"configs/demo.py variants: .*got 'segformer'"):
+        load_config("configs/demo.py:segformer")
