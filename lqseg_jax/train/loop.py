@@ -115,6 +115,22 @@ def train_augment(data: ml_collections.ConfigDict):
     )
 
 
+def check_finite(metrics: dict, step: int, ckpt: Checkpointer) -> None:
+    """Stops training when a step's loss or gradient norm is not finite (its update has spoiled the
+    parameters), before that state can be saved over a good checkpoint."""
+    bad = {
+        k: float(metrics[k]) for k in ("loss", "grad_norm") if k in metrics and not np.isfinite(metrics[k])
+    }
+    if bad:
+        latest = ckpt.latest_step()
+        where = f"the latest checkpoint is step {latest}" if latest is not None else "no checkpoint was saved"
+        raise FloatingPointError(
+            f"training {', '.join(f'{k} is {v}' for k, v in bad.items())} at step {step}; this state is not "
+            f"saved and {where}. Lower config.optimizer.lr, set config.optimizer.clip_norm, or check this "
+            "step's data."
+        )
+
+
 def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     """Trains (or resumes) the experiment in `config`; returns the last logged metrics."""
     workdir = Path(workdir)
@@ -158,33 +174,38 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     last: dict = {}
     pbar = tqdm(total=end, initial=step, desc="train", disable=jax.process_index() != 0, dynamic_ncols=True)
     t0, t0_step = time.perf_counter(), step
-    with StopRequest() as stop:
-        while step < end:
-            batch = trainer.device_batch(next(data_iter))
-            state, metrics = trainer.train_step(state, batch, trainer.step_rng(step))
-            step += 1
-            pbar.update(1)
-            if step % config.log_every == 0 or step == end:
-                last = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                last["images_per_s"] = (step - t0_step) * config.batch_size / (time.perf_counter() - t0)
-                t0, t0_step = time.perf_counter(), step
-                writer.write(step, last)
-                pbar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}")
-            stopping = stop.any_process()
-            if step % config.checkpoint.every == 0 or step == end or stopping:
-                ckpt.save(step, state, data_iter, config)
-            if config.eval_every and step % config.eval_every == 0 and step != end:
-                summary = evaluate(trainer, state, progress=False)
-                writer.write(step, {"eval/mIoU": summary["mIoU"]})
-                log.info("step %d: mIoU %.2f", step, summary["mIoU"])
-            if stopping:
-                print(
-                    f"Stopped at step {step}; checkpoint saved. Re-run the same command to resume.",
-                    flush=True,
-                )
-                break
-    pbar.close()
-    ckpt.wait()
-    ckpt.close()
-    writer.close()
+    try:
+        with StopRequest() as stop:
+            while step < end:
+                batch = trainer.device_batch(next(data_iter))
+                state, metrics = trainer.train_step(state, batch, trainer.step_rng(step))
+                step += 1
+                pbar.update(1)
+                saving = step % config.checkpoint.every == 0 or step == end
+                if step % config.log_every == 0 or step == end:
+                    last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    last["images_per_s"] = (step - t0_step) * config.batch_size / (time.perf_counter() - t0)
+                    t0, t0_step = time.perf_counter(), step
+                    writer.write(step, last)
+                    pbar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}")
+                    check_finite(last, step, ckpt)
+                stopping = stop.any_process()
+                if saving or stopping:
+                    check_finite(jax.device_get({k: metrics[k] for k in ("loss", "grad_norm")}), step, ckpt)
+                    ckpt.save(step, state, data_iter, config)
+                if config.eval_every and step % config.eval_every == 0 and step != end:
+                    summary = evaluate(trainer, state, progress=False)
+                    writer.write(step, {"eval/mIoU": summary["mIoU"]})
+                    log.info("step %d: mIoU %.2f", step, summary["mIoU"])
+                if stopping:
+                    print(
+                        f"Stopped at step {step}; checkpoint saved. Re-run the same command to resume.",
+                        flush=True,
+                    )
+                    break
+    finally:  # a pending asynchronous save completes even when the loop raises
+        pbar.close()
+        ckpt.wait()
+        ckpt.close()
+        writer.close()
     return {"step": step, **last}

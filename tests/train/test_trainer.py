@@ -85,6 +85,21 @@ def test_resume_is_bit_identical(tmp_path, synthetic_root, capsys):
         np.testing.assert_array_equal(a, b)
 
 
+def test_non_finite_step_stops_before_saving(tmp_path, synthetic_root, monkeypatch):
+    original = Trainer.train_step
+
+    def spoiled_from_third_step(self, state, batch, rng):
+        index = int(state.step)
+        state, metrics = original(self, state, batch, rng)
+        return state, {**metrics, "grad_norm": np.float32(np.nan)} if index >= 2 else metrics
+
+    monkeypatch.setattr(Trainer, "train_step", spoiled_from_third_step)
+    cfg = tiny(synthetic_root, total_steps=6, batch_size=8, log_every=5, **{"checkpoint.every": 2})
+    with pytest.raises(FloatingPointError, match=r"grad_norm is nan at step 4;.*latest checkpoint is step 2"):
+        train(cfg, tmp_path)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]
+
+
 def test_checkpoint_from_other_model_config_is_rejected(tmp_path, synthetic_root):
     train(tiny(synthetic_root, total_steps=1, batch_size=8), tmp_path)
     other = tiny(synthetic_root, total_steps=2, batch_size=8)
