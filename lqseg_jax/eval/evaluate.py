@@ -120,11 +120,13 @@ def evaluate(
         cm += np.asarray(batch_cm, np.int64)
         if pictures_left > 0 and jax.process_index() == 0:
             local_preds = trainer.local_rows(preds)  # (b_local, H, W)
+            # the network's input: the degraded image when evaluating under a degradation
+            shown = trainer.local_rows(arrays["image"]) if degradation is not None else batch["image"]
             for i in np.flatnonzero(batch["valid"])[:pictures_left]:
                 stem = Path(batch["name"][i]).stem
                 save_triptych(
                     out_dir / "pictures" / f"{stem}.png",
-                    batch["image"][i],
+                    shown[i],
                     local_preds[i],
                     batch["label"][i],
                     num_classes,

@@ -226,6 +226,15 @@ def test_robustness_curve_on_a_tiny_run(trained, tmp_path):
     for name in ("clean", "light"):
         assert json.loads((tmp_path / name / "metrics.json").read_text())["num_images"] == 6
         assert len(list((tmp_path / name / "pictures").glob("*.png"))) == 2
+    # The pictures show what the network saw: the degraded input in the left panel under a preset.
+    for clean_png in (tmp_path / "clean" / "pictures").glob("*.png"):
+        clean, light = (
+            np.asarray(Image.open(d / "pictures" / clean_png.name))
+            for d in (tmp_path / "clean", tmp_path / "light")
+        )
+        w = clean.shape[1] // 3
+        assert not np.array_equal(clean[:, :w], light[:, :w])
+        np.testing.assert_array_equal(clean[:, 2 * w :], light[:, 2 * w :])  # the same ground truth
 
 
 # ------------------------------------------------------------------------------------------ full size
