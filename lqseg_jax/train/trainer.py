@@ -31,6 +31,21 @@ log = logging.getLogger(__name__)
 HOST_INIT_PARAMS = 200_000_000  # below: build on the host and place; above: one sharded jitted init
 
 
+def place_host_tree(tree: Any, shardings: Any) -> Any:
+    """Arrays that every process holds whole (the same values everywhere, e.g. a model each process built
+    from the same seed) -> global arrays in `shardings`, each process filling only its addressable shards.
+    Unlike device_put, this works when a sharding spans devices of other processes."""
+
+    def place(x, sharding):
+        if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):  # e.g. nnx RNG streams: place the raw key data
+            data = place(jax.random.key_data(x), sharding)
+            return jax.jit(lambda d: jax.random.wrap_key_data(d, impl=jax.random.key_impl(x)))(data)
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree.map(place, tree, shardings)
+
+
 @struct.dataclass
 class TrainState:
     step: jax.Array
@@ -131,7 +146,7 @@ class Trainer:
         model.train()
         _, params, rest = nnx.split(model, self.system.trainable, ...)
         sh = self.state_sharding
-        params, rest = jax.device_put((params, rest), (sh.params, sh.rest))
+        params, rest = place_host_tree((params, rest), (sh.params, sh.rest))
         return jax.jit(self._state_from_parts, out_shardings=sh)(params, rest)
 
     def step_rng(self, step: int) -> jax.Array:
