@@ -33,3 +33,13 @@ def synthetic_root(tmp_path_factory) -> Path:
     from lqseg_jax.data_pipelines.synthetic import write_dataset
 
     return write_dataset(tmp_path_factory.mktemp("synthetic"), num_train=24, num_val=6, progress=False)
+
+
+@pytest.fixture(scope="module")
+def fast_compile():
+    """XLA without most optimisations for a whole module (`pytestmark = pytest.mark.usefixtures(
+    "fast_compile")`): compiles tiny models several times faster, same fp32 math."""
+    from lqseg_jax.models.tracing import light_compilation
+
+    with light_compilation():
+        yield

@@ -7,7 +7,6 @@ import importlib.util
 import json
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -45,13 +44,7 @@ VAE = dict(
 PROMPTS = ["a cat, dog", "road cat road dog a"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def fast_compile():
-    """XLA without most optimisations: compiles tiny models several times faster, same fp32 math."""
-    previous = jax.config.values["jax_disable_most_optimizations"]
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 def bytes_to_unicode():

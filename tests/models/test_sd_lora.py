@@ -37,13 +37,7 @@ TINY = dict(
 RANK, ALPHA = 4, 8.0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def fast_compile():
-    """XLA without most optimisations: compiles tiny models several times faster, same fp32 math."""
-    previous = jax.config.values["jax_disable_most_optimizations"]
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 class Holder(nnx.Module):
@@ -161,6 +155,33 @@ def test_rass_selection_groups_and_filter():
     assert trainable == n_lora + conv_in
 
 
+def peft_lora_state(torch_unet, groups: dict[str, str], *, std: float, seed: int = 1):
+    """(peft state dict, merged state dict) of `torch_unet`: random rank-RANK adapters named by `groups`
+    (layer -> adapter) in peft's key layout (base_layer.*, lora_A/B.<adapter>.weight), and the same adapters
+    merged into the base weights, W + ALPHA / RANK * B A; written here from peft's layout, not from our code."""
+    modules = dict(torch_unet.named_modules())
+    base = {k: v.clone() for k, v in torch_unet.state_dict().items()}  # load_state_dict writes in place
+    peft, merged = dict(base), dict(base)
+    g = torch.Generator().manual_seed(seed)
+    for name, adapter in groups.items():
+        mod = modules[name]
+        w = peft.pop(f"{name}.weight")
+        peft[f"{name}.base_layer.weight"] = w
+        if f"{name}.bias" in peft:
+            peft[f"{name}.base_layer.bias"] = peft.pop(f"{name}.bias")
+        if isinstance(mod, torch.nn.Linear):
+            a = torch.randn(RANK, mod.in_features, generator=g) * std
+            b = torch.randn(mod.out_features, RANK, generator=g) * std
+            merged[f"{name}.weight"] = w + (ALPHA / RANK) * b @ a
+        else:
+            a = torch.randn(RANK, mod.in_channels, *mod.kernel_size, generator=g) * std
+            b = torch.randn(mod.out_channels, RANK, 1, 1, generator=g) * std
+            merged[f"{name}.weight"] = w + (ALPHA / RANK) * torch.einsum("or,rikl->oikl", b[:, :, 0, 0], a)
+        peft[f"{name}.lora_A.{adapter}.weight"] = a
+        peft[f"{name}.lora_B.{adapter}.weight"] = b
+    return peft, merged
+
+
 def test_peft_keyed_unet_matches_merged_torch_unet():
     torch.manual_seed(0)
     torch_unet = TorchUNet(**TINY).eval()
@@ -168,26 +189,7 @@ def test_peft_keyed_unet_matches_merged_torch_unet():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(1, 4, 16, 16)).astype(np.float32)
     ctx = rng.normal(size=(1, 5, 24)).astype(np.float32)
-    modules = dict(torch_unet.named_modules())
-    sd = {k: v.clone() for k, v in torch_unet.state_dict().items()}  # load_state_dict writes in place
-    merged = dict(sd)
-    g = torch.Generator().manual_seed(1)
-    for name, adapter in groups.items():
-        mod = modules[name]
-        w = sd.pop(f"{name}.weight")
-        sd[f"{name}.base_layer.weight"] = w
-        if f"{name}.bias" in sd:
-            sd[f"{name}.base_layer.bias"] = sd.pop(f"{name}.bias")
-        if isinstance(mod, torch.nn.Linear):
-            a = torch.randn(RANK, mod.in_features, generator=g) * 0.05
-            b = torch.randn(mod.out_features, RANK, generator=g) * 0.05
-            merged[f"{name}.weight"] = w + (ALPHA / RANK) * b @ a
-        else:
-            a = torch.randn(RANK, mod.in_channels, *mod.kernel_size, generator=g) * 0.05
-            b = torch.randn(mod.out_channels, RANK, 1, 1, generator=g) * 0.05
-            merged[f"{name}.weight"] = w + (ALPHA / RANK) * torch.einsum("or,rikl->oikl", b[:, :, 0, 0], a)
-        sd[f"{name}.lora_A.{adapter}.weight"] = a
-        sd[f"{name}.lora_B.{adapter}.weight"] = b
+    sd, merged = peft_lora_state(torch_unet, groups, std=0.05)
     with torch.no_grad():
         ref_base = torch_unet(torch.from_numpy(x), 1, torch.from_numpy(ctx)).sample.numpy()
     torch_unet.load_state_dict(merged)

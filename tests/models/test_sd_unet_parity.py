@@ -55,13 +55,7 @@ CASES = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def fast_compile():
-    """XLA without most optimisations: compiles tiny models several times faster, same fp32 math."""
-    previous = jax.config.values["jax_disable_most_optimizations"]
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 @nnx.jit

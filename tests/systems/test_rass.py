@@ -37,14 +37,7 @@ from tests.models.test_mask2former_parity import detectron2_sem_seg_head
 from tests.models.test_sd_lora import rass_reference_groups
 from tests.systems.test_rass_convert import TorchBottleneck, micro_rass_config
 
-
-@pytest.fixture(autouse=True, scope="module")
-def fast_compile():
-    """XLA without most optimisations: compiles tiny models several times faster, same fp32 math."""
-    previous = jax.config.values["jax_disable_most_optimizations"]
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 # ------------------------------------------------------------------------------------------------ prompts

@@ -30,7 +30,7 @@ from lqseg_jax.systems.prompts import byte_level_clip_tokenizer, write_byte_leve
 from lqseg_jax.systems.rass import RASSSystem, model_config
 from lqseg_jax.train.config import load_config
 from tests.models.test_mask2former_parity import detectron2_sem_seg_head
-from tests.models.test_sd_lora import rass_reference_groups
+from tests.models.test_sd_lora import peft_lora_state, rass_reference_groups
 
 REPO = Path(__file__).resolve().parents[2]
 RANK, ALPHA = 4, 8.0
@@ -38,13 +38,7 @@ RANK, ALPHA = 4, 8.0
 GROUPS = {"res2": ([0], 4), "res3": ([1, 4, 5], 8), "res4": ([3], 16), "res5": ([2], 32)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def fast_compile():
-    """XLA without most optimisations: compiles tiny models several times faster, same fp32 math."""
-    previous = jax.config.values["jax_disable_most_optimizations"]
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 def micro_rass_config() -> ml_collections.ConfigDict:
@@ -146,26 +140,7 @@ def reference(tmp_path_factory):
             p.normal_()
 
     # peft layout of RASS's stage-2 adapters (rename written here), merged copy for the torch forward
-    base = {k: v.clone() for k, v in unet.state_dict().items()}
-    merged, peft = dict(base), dict(base)
-    modules = dict(unet.named_modules())
-    g = torch.Generator().manual_seed(1)
-    for name, adapter in rass_reference_groups(unet).items():
-        mod = modules[name]
-        w = peft.pop(f"{name}.weight")
-        peft[f"{name}.base_layer.weight"] = w
-        if f"{name}.bias" in peft:
-            peft[f"{name}.base_layer.bias"] = peft.pop(f"{name}.bias")
-        if isinstance(mod, torch.nn.Linear):
-            a = torch.randn(RANK, mod.in_features, generator=g) * 0.1
-            b = torch.randn(mod.out_features, RANK, generator=g) * 0.1
-            merged[f"{name}.weight"] = w + (ALPHA / RANK) * b @ a
-        else:
-            a = torch.randn(RANK, mod.in_channels, *mod.kernel_size, generator=g) * 0.1
-            b = torch.randn(mod.out_channels, RANK, 1, 1, generator=g) * 0.1
-            merged[f"{name}.weight"] = w + (ALPHA / RANK) * torch.einsum("or,rikl->oikl", b[:, :, 0, 0], a)
-        peft[f"{name}.lora_A.{adapter}.weight"] = a
-        peft[f"{name}.lora_B.{adapter}.weight"] = b
+    peft, merged = peft_lora_state(unet, rass_reference_groups(unet), std=0.1)
     unet.load_state_dict(merged)
 
     fe = "backbone.feature_extractor."
