@@ -522,6 +522,38 @@ class Transformer2DModel(nnx.Module):
 # UNet blocks
 
 
+def _resnets(
+    in_channels: Sequence[int],
+    out_channels: int,
+    temb_channels: int,
+    groups: int,
+    eps: float,
+    dtype: Dtype,
+    rngs: nnx.Rngs,
+) -> nnx.List:
+    """A block's resnets, one per entry of in_channels (its input width), each giving out_channels."""
+    return nnx.List(
+        [
+            ResnetBlock2D(
+                c, out_channels, temb_channels=temb_channels, groups=groups, eps=eps, dtype=dtype, rngs=rngs
+            )
+            for c in in_channels
+        ]
+    )
+
+
+def _up_block_inputs(
+    in_channels: int, prev_output_channels: int, out_channels: int, num_layers: int
+) -> list[int]:
+    """Input widths of an up block's resnets: the previous output plus the skip each one concatenates (the
+    last skip comes from the matching down block's input)."""
+    return [
+        (prev_output_channels if i == 0 else out_channels)
+        + (in_channels if i == num_layers - 1 else out_channels)
+        for i in range(num_layers)
+    ]
+
+
 class CrossAttnDownBlock2D(nnx.Module):
     def __init__(
         self,
@@ -542,20 +574,8 @@ class CrossAttnDownBlock2D(nnx.Module):
         dtype: Dtype,
         rngs: nnx.Rngs,
     ):
-        self.resnets = nnx.List(
-            [
-                ResnetBlock2D(
-                    in_channels if i == 0 else out_channels,
-                    out_channels,
-                    temb_channels=temb_channels,
-                    groups=groups,
-                    eps=eps,
-                    dtype=dtype,
-                    rngs=rngs,
-                )
-                for i in range(num_layers)
-            ]
-        )
+        inputs = [in_channels] + [out_channels] * (num_layers - 1)
+        self.resnets = _resnets(inputs, out_channels, temb_channels, groups, eps, dtype, rngs)
         self.attentions = nnx.List(
             [
                 Transformer2DModel(
@@ -606,20 +626,8 @@ class DownBlock2D(nnx.Module):
         dtype: Dtype,
         rngs: nnx.Rngs,
     ):
-        self.resnets = nnx.List(
-            [
-                ResnetBlock2D(
-                    in_channels if i == 0 else out_channels,
-                    out_channels,
-                    temb_channels=temb_channels,
-                    groups=groups,
-                    eps=eps,
-                    dtype=dtype,
-                    rngs=rngs,
-                )
-                for i in range(num_layers)
-            ]
-        )
+        inputs = [in_channels] + [out_channels] * (num_layers - 1)
+        self.resnets = _resnets(inputs, out_channels, temb_channels, groups, eps, dtype, rngs)
         self.downsamplers = (
             nnx.List([Downsample2D(out_channels, padding=downsample_padding, dtype=dtype, rngs=rngs)])
             if add_downsample
@@ -704,21 +712,8 @@ class UpBlock2D(nnx.Module):
         dtype: Dtype,
         rngs: nnx.Rngs,
     ):
-        self.resnets = nnx.List(
-            [
-                ResnetBlock2D(
-                    (prev_output_channels if i == 0 else out_channels)
-                    + (in_channels if i == num_layers - 1 else out_channels),
-                    out_channels,
-                    temb_channels=temb_channels,
-                    groups=groups,
-                    eps=eps,
-                    dtype=dtype,
-                    rngs=rngs,
-                )
-                for i in range(num_layers)
-            ]
-        )
+        inputs = _up_block_inputs(in_channels, prev_output_channels, out_channels, num_layers)
+        self.resnets = _resnets(inputs, out_channels, temb_channels, groups, eps, dtype, rngs)
         self.upsamplers = (
             nnx.List([Upsample2D(out_channels, dtype=dtype, rngs=rngs)]) if add_upsample else None
         )
@@ -760,21 +755,8 @@ class CrossAttnUpBlock2D(nnx.Module):
         dtype: Dtype,
         rngs: nnx.Rngs,
     ):
-        self.resnets = nnx.List(
-            [
-                ResnetBlock2D(
-                    (prev_output_channels if i == 0 else out_channels)
-                    + (in_channels if i == num_layers - 1 else out_channels),
-                    out_channels,
-                    temb_channels=temb_channels,
-                    groups=groups,
-                    eps=eps,
-                    dtype=dtype,
-                    rngs=rngs,
-                )
-                for i in range(num_layers)
-            ]
-        )
+        inputs = _up_block_inputs(in_channels, prev_output_channels, out_channels, num_layers)
+        self.resnets = _resnets(inputs, out_channels, temb_channels, groups, eps, dtype, rngs)
         self.attentions = nnx.List(
             [
                 Transformer2DModel(
