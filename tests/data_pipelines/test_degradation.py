@@ -377,6 +377,56 @@ def test_per_image_parameters_are_independent():
         )
 
 
+def _torch_replay(img, p, i):
+    """Image i (3, H, W) through the original's op sequence (reflect-pad conv2d, F.interpolate, DiffJPEG as
+    benchmarks/degradation_reference.py writes them from basicsr), with the draws `p` of our pipeline."""
+    ref = _load_module(ROOT / "benchmarks", "degradation_reference")
+    jpeger, modes = ref.DiffJPEG(), rs.RESIZE_MODES
+    kernel = lambda name: torch.from_numpy(np.array(getattr(p, name)[i]))  # noqa: E731
+    h, w = img.shape[1:]
+    out = torch.from_numpy(img[None])
+    if p.blur1[i]:
+        out = ref.filter2d(out, kernel("kernel1"))
+    out = F.interpolate(out, scale_factor=float(p.scale1[i]), mode=modes[int(p.mode1[i])])
+    assert tuple(out.shape[2:]) == tuple(np.asarray(p.size1[i])), "stage-1 size as F.interpolate's"
+    out = jpeger(out.clamp(0, 1), float(p.quality1[i]))  # the noise is zero in this config
+    if p.blur2[i]:
+        out = ref.filter2d(out, kernel("kernel2"))
+    out = F.interpolate(out, size=tuple(int(n) for n in p.size2[i]), mode=modes[int(p.mode2[i])]).clamp(0, 1)
+    back = lambda x: ref.filter2d(F.interpolate(x, size=(h, w), mode=modes[int(p.mode3[i])]), kernel("sinc"))  # noqa: E731
+    if p.order_a[i]:
+        out = jpeger(back(out).clamp(0, 1), float(p.quality2[i]))
+    else:
+        out = back(jpeger(out, float(p.quality2[i])))
+    return (out.clamp(0, 1) * 255).round()[0].numpy()
+
+
+def test_whole_model_matches_the_original_op_sequence(batch):
+    """With the noise off, every remaining op is deterministic given the draws: our batched pipeline (static
+    canvases, FFT blur, gathered resizes, one compilation) must give what the original's per-image torch
+    sequence gives with the same draws, on every branch the draws take."""
+    cfg = get_config()
+    for stage in (cfg.stage1, cfg.stage2):
+        stage.noise_range, stage.poisson_scale_range = (0.0, 0.0), (0.0, 0.0)
+    planar = batch.transpose(0, 3, 1, 2)
+    seen = set()
+    for seed in range(6):
+        key = jax.random.key(100 + seed)
+        p = sample_params(key, batch.shape, cfg)._replace(noise_keys=None)
+        p = jax.tree.map(np.asarray, p)
+        ours = np.asarray(degrade(key, batch, cfg)).transpose(0, 3, 1, 2) * 255
+        for i in range(len(batch)):
+            ref = _torch_replay(planar[i], p, i)
+            diff = np.abs(ours[i] - ref)
+            # float32 rounding (FFT vs direct conv) can move a value across an 8-bit rounding boundary
+            assert diff.max() < 1.01 and (diff > 0.5).mean() < 1e-3, (seed, i, diff.mean(), diff.max())
+            seen.update(
+                [("mode1", int(p.mode1[i])), ("order_a", bool(p.order_a[i])), ("blur2", bool(p.blur2[i]))]
+            )
+            seen.add(("s1", int(np.sign(p.scale1[i] - 1))))
+    assert len(seen) == 3 + 2 + 2 + 3, f"draws must cover every branch, saw {sorted(seen)}"
+
+
 def test_sizes_keep_the_padding_black(batch):
     sizes = np.array([[SIZE, SIZE], [75, 80], [80, 77], [76, 76]], np.int32)
     out = np.asarray(degrade(jax.random.key(7), batch, sizes=sizes))
@@ -443,13 +493,16 @@ def test_rass_pair_maps_to_minus_one_one(batch):
 # -- scripts/degrade.py --------------------------------------------------------------------------------------
 
 
-def _load_script():
-    sys.path.insert(0, str(ROOT / "scripts"))
+def _load_module(folder: Path, name: str):
+    sys.path.insert(0, str(folder))
     try:
-        import degrade as script  # scripts/degrade.py
+        return __import__(name)
     finally:
         sys.path.pop(0)
-    return script
+
+
+def _load_script():
+    return _load_module(ROOT / "scripts", "degrade")  # scripts/degrade.py
 
 
 def test_degrade_script_on_a_tiny_dataset(tmp_path):
