@@ -64,8 +64,11 @@ def _block_codec(planes: jax.Array, table: jax.Array) -> jax.Array:
     return blocks.reshape(k, h, w) + 128.0
 
 
-def jpeg(x: jax.Array, quality: jax.Array) -> jax.Array:
-    """JPEG round trip of one image x (3, H, W) in [0, 1] (H, W multiples of 16) at quality (scalar)."""
+def jpeg(x: jax.Array, quality: jax.Array, transposed: bool = False) -> jax.Array:
+    """JPEG round trip of one image x (3, H, W) in [0, 1] (H, W multiples of 16) at quality (scalar).
+
+    transposed: x holds the image transposed, (3, W, H); the blocks' coefficients are then transposed too,
+    so the tables are, and the result is exactly the transpose of the round trip of the upright image."""
     c, h, w = x.shape
     if c != 3 or h % 16 or w % 16:
         raise ValueError(f"jpeg: expected (3, H, W) with H, W multiples of 16, got {x.shape}")
@@ -75,8 +78,9 @@ def jpeg(x: jax.Array, quality: jax.Array) -> jax.Array:
         chroma[:, 0::2, 0::2] + chroma[:, 1::2, 0::2] + chroma[:, 0::2, 1::2] + chroma[:, 1::2, 1::2]
     )
     f = quality_factor(quality)
-    luma = _block_codec(ycc[:1], jnp.asarray(LUMA_TABLE.T) * f)  # (1, H, W)
-    chroma = _block_codec(chroma + 128.0, jnp.asarray(CHROMA_TABLE.T) * f) - 128.0  # (2, H/2, W/2)
+    luma_table, chroma_table = (LUMA_TABLE, CHROMA_TABLE) if transposed else (LUMA_TABLE.T, CHROMA_TABLE.T)
+    luma = _block_codec(ycc[:1], jnp.asarray(luma_table) * f)  # (1, H, W)
+    chroma = _block_codec(chroma + 128.0, jnp.asarray(chroma_table) * f) - 128.0  # (2, H/2, W/2)
     chroma = jnp.broadcast_to(chroma[:, :, None, :, None], (2, h // 2, 2, w // 2, 2)).reshape(2, h, w)
     rgb = jnp.einsum("ck,khw->chw", jnp.asarray(_YCC_TO_RGB), jnp.concatenate([luma, chroma]))  # (3, H, W)
     return jnp.clip(rgb, 0.0, 255.0) / 255.0

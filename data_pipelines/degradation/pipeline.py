@@ -13,10 +13,17 @@ top-left corner and zeros elsewhere; every op takes the image's valid size as da
 - blur: reflect padding taken at the valid size (filter.py), then an FFT correlation;
 - noise: drawn on the whole canvas, the grey-level count taken over the valid region, masked;
 - JPEG: the zeros right and below the image are exactly DiffJPEG's zero padding to a multiple of 16.
-So every op computes what the original computes at the image's true size; the canvas costs time, not
-fidelity. Deviations from the original, documented where they live: the Poisson sampler above
-lambda = 8 (noise.py), the FFT correlation (float32 rounding, ~1e-6), and RASS's final
-`F.interpolate(lq, size=(H, W), mode="bilinear")`, an identity at scale 1, which we skip.
+So every op computes what the original computes at the image's true size. To keep the canvas from costing
+time too, the ops between two resizes run per image on the smallest of up to six static sub-canvases
+(k/6 of the canvas) that holds the image, picked with lax.switch (`_map_bucketed`): a new random size picks
+another compiled branch, never a new compilation. Deviations from the original, documented where they live:
+the Poisson sampler above lambda = 8 (noise.py), the FFT correlation (float32 rounding, ~1e-6), and RASS's
+final `F.interpolate(lq, size=(H, W), mode="bilinear")`, an identity at scale 1, which we skip.
+
+Orientation. A resize is two row-gather passes with one transpose between them, and returns its images
+transposed (resize.py); the ops up to the next resize work on the transposed images (sizes and kernels
+flipped, JPEG with flipped tables), which saves a transpose per resize. Three resizes: the last transpose
+is folded into the NCHW -> NHWC one at the end.
 
 Execution. Every op is written for one image and applied over the batch with lax.map (a loop on the
 device, no Python loop): per-image branches are real (lax.cond / lax.switch: only the drawn noise kind,
@@ -44,7 +51,9 @@ from .filter import PAD, filter2d, valid_mask
 from .jpeg import jpeg
 from .kernels import Draws, sample_blur_kernel, sample_final_sinc
 from .noise import NOISE_RNGS, add_noise, grey_plane
-from .resize import num_taps, resize_images
+from .resize import num_taps, resize_transposed
+
+MAX_BUCKETS = 6  # per-image canvas sizes of an intermediate stage (_buckets)
 
 
 class DegradationParams(NamedTuple):
@@ -262,6 +271,36 @@ def _map(fn, *args):
     return jax.lax.map(lambda a: fn(*a), args)
 
 
+def _buckets(canvas: tuple[int, int]) -> tuple[tuple[int, int], ...]:
+    """The static canvases of an intermediate size's per-image branches: k / n of `canvas` (k = 1..n,
+    multiples of 16, n <= MAX_BUCKETS and each at least 32 pixels); the last is `canvas` itself."""
+    r, c = canvas
+    n = max(1, min(MAX_BUCKETS, min(r, c) // 32))
+    return tuple((_ceil16(-(-r * k // n)), _ceil16(-(-c * k // n))) for k in range(1, n + 1))
+
+
+def _map_bucketed(fn, buckets, x, valid, *args):
+    """fn(img, valid, *a) for each image, run on the smallest of `buckets` that holds its valid region.
+
+    x (b, c, R, C), zero outside each image's valid size valid (b, 2) (rows, cols); buckets as `_buckets`
+    of (R, C). lax.switch picks the image's branch, which crops x to that canvas (a static shape), applies
+    fn there and pads the result back to (R, C) with zeros. fn must give zeros outside `valid`, as every op
+    here does on a zero canvas (JPEG: the zeros are DiffJPEG's padding), so the result equals fn on the
+    whole canvas: the random intermediate sizes cost time in proportion to their area, not the canvas's.
+    Arguments that are images like x (the grey plane) are cropped by fn itself."""
+    big_r, big_c = x.shape[2:]
+    fits = jnp.stack([(valid[:, 0] <= r) & (valid[:, 1] <= c) for r, c in buckets], 1)  # (b, n)
+    index = jnp.argmax(fits, axis=1)  # the first that fits; the last (the canvas) always does
+
+    def body(img, k, v, *a):
+        def branch(r, c):
+            return lambda: jnp.pad(fn(img[:, :r, :c], v, *a), ((0, 0), (0, big_r - r), (0, big_c - c)))
+
+        return jax.lax.switch(k, [branch(r, c) for r, c in buckets])
+
+    return _map(body, x, index, valid, *args)
+
+
 def _apply(images: jax.Array, size0: jax.Array, p: DegradationParams, spec: _Spec) -> jax.Array:
     h, w = spec.size
     method = spec.noise_rng
@@ -269,44 +308,63 @@ def _apply(images: jax.Array, size0: jax.Array, p: DegradationParams, spec: _Spe
     x = jnp.moveaxis(images.astype(jnp.float32), -1, 1)  # (b, 3, H, W): every op is per channel
     x = x * jax.vmap(valid_mask, in_axes=(0, None, None))(size0, h, w)  # zero outside each image
 
+    # Each resize returns its images transposed (resize.py); the ops between resizes take the orientation
+    # as it comes: sizes and kernels flipped, JPEG told (its tables flip). Sizes below are (rows, cols).
+    def flip(a):
+        return a[..., ::-1]  # (b, 2) sizes: (rows, cols) -> (cols, rows)
+
+    def flip_kernel(k):
+        return jnp.swapaxes(k, 1, 2)  # (b, 21, 21)
+
     def blur(img, kernel, valid, on):
         return jax.lax.cond(on, lambda: filter2d(img, kernel, valid), lambda: img)
 
-    def noise(img, grey, valid, key, prm):
+    def noise(img, grey, valid, key, prm):  # grey: the canvas's grey plane, cropped here to img
+        grey = grey[:, : img.shape[1], : img.shape[2]]
         return add_noise(img, grey, valid_mask(valid, *img.shape[1:]), key, prm, method)
 
-    def compress(img, valid, q):
-        return jpeg(img, q) * valid_mask(valid, *img.shape[1:])
+    def compress(img, valid, q, transposed):
+        return jpeg(img, q, transposed) * valid_mask(valid, *img.shape[1:])
 
-    def jpeg_b(img, valid, q, order_a):
-        return jax.lax.cond(order_a, lambda: img, lambda: compress(img, valid, q))
+    def stage1(img, valid, grey, key, prm, q, kernel, on):  # (3, W1, H1): noise, JPEG, stage-2 blur
+        img = compress(noise(img, grey, valid, key, prm), valid, q, True)
+        return blur(img, kernel, valid, on)
 
-    def jpeg_a(img, valid, q, order_a):
-        padded = jnp.pad(jnp.clip(img, 0.0, 1.0), ((0, 0), (0, _ceil16(h) - h), (0, _ceil16(w) - w)))
-        return jax.lax.cond(order_a, lambda: compress(padded, valid, q)[:, :h, :w], lambda: img)
+    def stage2(img, valid, grey, key, prm, q, order_a):  # (3, H2, W2): noise, order B's JPEG
+        img = noise(img, grey, valid, key, prm)
+        return jax.lax.cond(order_a, lambda: img, lambda: compress(img, valid, q, False))
 
-    # stage 1
+    def final(img, valid, kernel, on, q, order_a):  # (3, W, H): sinc, order A's JPEG
+        img = blur(img, kernel, valid, on)
+        padded = jnp.pad(jnp.clip(img, 0.0, 1.0), ((0, 0), (0, _ceil16(w) - w), (0, _ceil16(h) - h)))
+        return jax.lax.cond(order_a, lambda: compress(padded, valid, q, True)[:, :w, :h], lambda: img)
+
+    # stage 1: blur, resize (F.interpolate(scale_factor=s1)), noise, JPEG
     x = _map(blur, x, p.kernel1, size0, p.blur1)  # (b, 3, H, W)
-    inv_s1 = jnp.broadcast_to((1.0 / p.scale1)[:, None], size0.shape)  # F.interpolate(scale_factor=s1)
-    x = resize_images(x, spec.canvas1, size0, p.size1, p.mode1, inv_s1, taps1)  # (b, 3, *canvas1)
-    x = _map(noise, x, grey_plane(x), p.size1, p.noise_keys[:, 0], p.noise1)
-    x = _map(compress, x, p.size1, p.quality1)
+    inv_s1 = jnp.broadcast_to((1.0 / p.scale1)[:, None], size0.shape)
+    x = resize_transposed(x, spec.canvas1, size0, p.size1, p.mode1, inv_s1, taps1)  # (b, 3, W1, H1)
+    size1 = flip(p.size1)
+    buckets1 = tuple(b[::-1] for b in _buckets(spec.canvas1))
+    x = _map_bucketed(
+        stage1, buckets1, x, size1, grey_plane(x), p.noise_keys[:, 0], p.noise1, p.quality1,
+        flip_kernel(p.kernel2), p.blur2,
+    )  # fmt: skip
 
-    # stage 2
-    x = _map(blur, x, p.kernel2, p.size1, p.blur2)
-    ratio2 = p.size1.astype(jnp.float32) / p.size2.astype(jnp.float32)
-    x = resize_images(x, spec.canvas2, p.size1, p.size2, p.mode2, ratio2, taps2)  # (b, 3, *canvas2)
-    x = _map(noise, x, grey_plane(x), p.size2, p.noise_keys[:, 1], p.noise2)
-
-    # final: order B's JPEG -> resize back + sinc -> order A's JPEG
-    x = _map(jpeg_b, x, p.size2, p.quality2, p.order_a)
+    # stage 2: (blur, above) resize, noise; final: order B's JPEG -> resize back + sinc -> order A's JPEG
+    ratio2 = size1.astype(jnp.float32) / flip(p.size2).astype(jnp.float32)
+    x = resize_transposed(
+        x, spec.canvas2[::-1], size1, flip(p.size2), p.mode2, ratio2, taps2
+    )  # (b, 3, H2, W2)
+    x = _map_bucketed(
+        stage2, _buckets(spec.canvas2), x, p.size2, grey_plane(x), p.noise_keys[:, 1], p.noise2, p.quality2,
+        p.order_a,
+    )  # fmt: skip
     ratio3 = p.size2.astype(jnp.float32) / size0.astype(jnp.float32)
-    x = resize_images(x, (h, w), p.size2, size0, p.mode3, ratio3, taps3)  # (b, 3, H, W)
-    x = _map(blur, x, p.sinc, size0, p.sinc_on)
-    x = _map(jpeg_a, x, size0, p.quality2, p.order_a)
+    x = resize_transposed(x, (h, w), p.size2, size0, p.mode3, ratio3, taps3)  # (b, 3, W, H)
+    x = _map(final, x, flip(size0), flip_kernel(p.sinc), p.sinc_on, p.quality2, p.order_a)
 
     x = jnp.clip(jnp.round(x * 255.0), 0.0, 255.0) / 255.0
-    return jnp.moveaxis(x, 1, -1).astype(images.dtype)  # (b, H, W, 3)
+    return jnp.transpose(x, (0, 3, 2, 1)).astype(images.dtype)  # (b, W, H, 3) -> (b, H, W, 3)
 
 
 def _sample(keys: jax.Array, size0: jax.Array, numbers: dict, spec: _Spec) -> DegradationParams:

@@ -184,7 +184,7 @@ def test_resize_matches_torch_interpolate():
             cases.append((size, mode_id, (37 / size[0], 53 / size[1])))  # F.interpolate(size=...)
             refs.append(ref)
     b = len(cases)
-    out = rs.resize_images(
+    out = rs.resize_transposed(
         jnp.broadcast_to(jnp.asarray(img), (b, 3, 37, 53)),
         (80, 110),
         jnp.tile(jnp.asarray([37, 53], jnp.int32), (b, 1)),
@@ -193,7 +193,7 @@ def test_resize_matches_torch_interpolate():
         jnp.asarray([c[2] for c in cases], jnp.float32),
         rs.num_taps(37 / 5),
     )
-    out = np.asarray(out)
+    out = np.asarray(out).transpose(0, 1, 3, 2)  # resize_transposed returns (b, c, cols, rows)
     for (size, mode_id, _), ref, got in zip(cases, refs, out):
         h, w = size
         np.testing.assert_allclose(
@@ -236,6 +236,15 @@ def test_jpeg_psnr_within_1db_of_pillow_and_rises_with_quality():
             pil_psnr.append(_psnr(img, pil))
         assert np.all(np.abs(np.subtract(ours_psnr, pil_psnr)) < 1.0), (seed, ours_psnr, pil_psnr)
         assert np.all(np.diff(ours_psnr) > 0), ours_psnr
+
+
+def test_jpeg_of_a_transposed_image_is_the_transposed_jpeg():
+    img = natural_image(4, 48, 64).transpose(2, 0, 1) / 255.0  # (3, 48, 64)
+    upright = np.asarray(jp.jpeg(jnp.asarray(img, jnp.float32), 35.0))
+    transposed = np.asarray(jp.jpeg(jnp.asarray(img.transpose(0, 2, 1), jnp.float32), 35.0, transposed=True))
+    np.testing.assert_allclose(transposed.transpose(0, 2, 1), upright, atol=1e-5)
+    wrong = np.asarray(jp.jpeg(jnp.asarray(img.transpose(0, 2, 1), jnp.float32), 35.0))  # tables not flipped
+    assert np.abs(wrong.transpose(0, 2, 1) - upright).max() > 1e-2
 
 
 def test_jpeg_canvas_zeros_are_difffjpeg_padding():
