@@ -46,14 +46,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from .buckets import bucket_index, buckets, ceil16, pad_to
 from .config import KERNEL_LIST, PRESETS, get_config
 from .filter import PAD, filter2d, valid_mask
 from .jpeg import jpeg
 from .kernels import Draws, sample_blur_kernel, sample_final_sinc
 from .noise import NOISE_RNGS, add_noise, grey_plane
 from .resize import num_taps, resize_transposed
-
-MAX_BUCKETS = 6  # per-image canvas sizes of an intermediate stage (_buckets)
 
 
 class DegradationParams(NamedTuple):
@@ -102,10 +101,6 @@ def _stage_scales(stage) -> tuple[float, float]:
     lo, hi = stage.resize_range
     scales = [1.0] * (keep > 0) + [hi] * (up > 0) + [lo] * (down > 0)
     return min(scales), max(scales)
-
-
-def _ceil16(n: int) -> int:
-    return -(-n // 16) * 16
 
 
 def _check_stage(name: str, stage) -> None:
@@ -183,8 +178,8 @@ def _spec(shape: tuple[int, ...], cfg: ml_collections.ConfigDict) -> _Spec:
         min_side=min_side,
         max1=max1,
         max2=max2,
-        canvas1=(_ceil16(max1[0]), _ceil16(max1[1])),
-        canvas2=(_ceil16(max2[0]), _ceil16(max2[1])),
+        canvas1=(ceil16(max1[0]), ceil16(max1[1])),
+        canvas2=(ceil16(max2[0]), ceil16(max2[1])),
         taps=(taps1, taps2, taps3),
     )
 
@@ -271,34 +266,23 @@ def _map(fn, *args):
     return jax.lax.map(lambda a: fn(*a), args)
 
 
-def _buckets(canvas: tuple[int, int]) -> tuple[tuple[int, int], ...]:
-    """The static canvases of an intermediate size's per-image branches: k / n of `canvas` (k = 1..n,
-    multiples of 16, n <= MAX_BUCKETS and each at least 32 pixels); the last is `canvas` itself."""
-    r, c = canvas
-    n = max(1, min(MAX_BUCKETS, min(r, c) // 32))
-    return tuple((_ceil16(-(-r * k // n)), _ceil16(-(-c * k // n))) for k in range(1, n + 1))
+def _map_bucketed(fn, canvases, x, valid, *args):
+    """fn(img, valid, *a) for each image, run on the smallest of `canvases` that holds its valid region.
 
-
-def _map_bucketed(fn, buckets, x, valid, *args):
-    """fn(img, valid, *a) for each image, run on the smallest of `buckets` that holds its valid region.
-
-    x (b, c, R, C), zero outside each image's valid size valid (b, 2) (rows, cols); buckets as `_buckets`
-    of (R, C). lax.switch picks the image's branch, which crops x to that canvas (a static shape), applies
-    fn there and pads the result back to (R, C) with zeros. fn must give zeros outside `valid`, as every op
+    x (b, c, R, C), zero outside each image's valid size valid (b, 2) (rows, cols); canvases: `buckets` of
+    (R, C). lax.switch picks the image's branch, which crops x to that canvas (a static shape), applies fn
+    there and pads the result back to (R, C) with zeros. fn must give zeros outside `valid`, as every op
     here does on a zero canvas (JPEG: the zeros are DiffJPEG's padding), so the result equals fn on the
-    whole canvas: the random intermediate sizes cost time in proportion to their area, not the canvas's.
-    Arguments that are images like x (the grey plane) are cropped by fn itself."""
+    whole canvas. Arguments that are images like x (the grey plane) are cropped by fn itself."""
     big_r, big_c = x.shape[2:]
-    fits = jnp.stack([(valid[:, 0] <= r) & (valid[:, 1] <= c) for r, c in buckets], 1)  # (b, n)
-    index = jnp.argmax(fits, axis=1)  # the first that fits; the last (the canvas) always does
 
     def body(img, k, v, *a):
         def branch(r, c):
-            return lambda: jnp.pad(fn(img[:, :r, :c], v, *a), ((0, 0), (0, big_r - r), (0, big_c - c)))
+            return lambda: pad_to(fn(img[:, :r, :c], v, *a), big_r, big_c)
 
-        return jax.lax.switch(k, [branch(r, c) for r, c in buckets])
+        return jax.lax.switch(k, [branch(r, c) for r, c in canvases])
 
-    return _map(body, x, index, valid, *args)
+    return _map(body, x, bucket_index(valid, canvases), valid, *args)
 
 
 def _apply(images: jax.Array, size0: jax.Array, p: DegradationParams, spec: _Spec) -> jax.Array:
@@ -312,6 +296,9 @@ def _apply(images: jax.Array, size0: jax.Array, p: DegradationParams, spec: _Spe
     # as it comes: sizes and kernels flipped, JPEG told (its tables flip). Sizes below are (rows, cols).
     def flip(a):
         return a[..., ::-1]  # (b, 2) sizes: (rows, cols) -> (cols, rows)
+
+    def flip_buckets(canvases):
+        return tuple(c[::-1] for c in canvases)
 
     def flip_kernel(k):
         return jnp.swapaxes(k, 1, 2)  # (b, 21, 21)
@@ -336,7 +323,7 @@ def _apply(images: jax.Array, size0: jax.Array, p: DegradationParams, spec: _Spe
 
     def final(img, valid, kernel, on, q, order_a):  # (3, W, H): sinc, order A's JPEG
         img = blur(img, kernel, valid, on)
-        padded = jnp.pad(jnp.clip(img, 0.0, 1.0), ((0, 0), (0, _ceil16(w) - w), (0, _ceil16(h) - h)))
+        padded = jnp.pad(jnp.clip(img, 0.0, 1.0), ((0, 0), (0, ceil16(w) - w), (0, ceil16(h) - h)))
         return jax.lax.cond(order_a, lambda: compress(padded, valid, q, True)[:, :w, :h], lambda: img)
 
     # stage 1: blur, resize (F.interpolate(scale_factor=s1)), noise, JPEG
@@ -344,10 +331,9 @@ def _apply(images: jax.Array, size0: jax.Array, p: DegradationParams, spec: _Spe
     inv_s1 = jnp.broadcast_to((1.0 / p.scale1)[:, None], size0.shape)
     x = resize_transposed(x, spec.canvas1, size0, p.size1, p.mode1, inv_s1, taps1)  # (b, 3, W1, H1)
     size1 = flip(p.size1)
-    buckets1 = tuple(b[::-1] for b in _buckets(spec.canvas1))
     x = _map_bucketed(
-        stage1, buckets1, x, size1, grey_plane(x), p.noise_keys[:, 0], p.noise1, p.quality1,
-        flip_kernel(p.kernel2), p.blur2,
+        stage1, flip_buckets(buckets(spec.canvas1)), x, size1, grey_plane(x), p.noise_keys[:, 0], p.noise1,
+        p.quality1, flip_kernel(p.kernel2), p.blur2,
     )  # fmt: skip
 
     # stage 2: (blur, above) resize, noise; final: order B's JPEG -> resize back + sinc -> order A's JPEG
@@ -356,7 +342,7 @@ def _apply(images: jax.Array, size0: jax.Array, p: DegradationParams, spec: _Spe
         x, spec.canvas2[::-1], size1, flip(p.size2), p.mode2, ratio2, taps2
     )  # (b, 3, H2, W2)
     x = _map_bucketed(
-        stage2, _buckets(spec.canvas2), x, p.size2, grey_plane(x), p.noise_keys[:, 1], p.noise2, p.quality2,
+        stage2, buckets(spec.canvas2), x, p.size2, grey_plane(x), p.noise_keys[:, 1], p.noise2, p.quality2,
         p.order_a,
     )  # fmt: skip
     ratio3 = p.size2.astype(jnp.float32) / size0.astype(jnp.float32)
