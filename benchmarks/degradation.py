@@ -65,8 +65,9 @@ def main() -> None:
     torch.manual_seed(0)
     images = rng.random((args.batch, args.size, args.size, 3), dtype=np.float32)
     images_jax = jax.device_put(images)
-    images_torch = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
-    jpeger = reference.DiffJPEG()
+    torch_device = "cuda" if torch.cuda.is_available() else "cpu"  # the original runs on the GPU
+    images_torch = torch.from_numpy(images.transpose(0, 3, 1, 2).copy()).to(torch_device)
+    jpeger = reference.DiffJPEG(torch_device)
 
     def ours(step: int, mesh=None) -> None:
         degrade(jax.random.key(step), images_jax, cfg, mesh=mesh).block_until_ready()
@@ -108,7 +109,8 @@ def main() -> None:
     best = min(times["original"]) / min(times["ours"])
     print(
         f"batch {args.batch} x {args.size}x{args.size}, preset {args.preset}, jax {jax.__version__} "
-        f"({devices[0].platform}, {n_devices} device(s)), torch {torch.__version__} ({cores} threads)"
+        f"({devices[0].platform}, {n_devices} device(s)), torch {torch.__version__} on {torch_device} "
+        f"({cores} threads)"
     )
     print(f"{'side':10s} {'median s/batch':>15s} {'images/s':>10s}   runs (s)")
     for name in ("ours", "original"):
@@ -133,6 +135,7 @@ def main() -> None:
         "jax": jax.__version__,
         "backend": devices[0].platform,
         "devices": n_devices,
+        "torch_device": torch_device,
         "torch_threads": cores,
     }
     print(json.dumps(result))

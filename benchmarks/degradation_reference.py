@@ -5,8 +5,9 @@ a Python loop: it samples three kernels with numpy/scipy on the host (basicsr `r
 `circular_lowpass_kernel`), then runs torch ops on the device: `filter2D` (reflect pad + grouped conv2d),
 `F.interpolate`, basicsr's Gaussian / Poisson noise (`torch.unique` per image to count grey levels,
 `torch.poisson`) and DiffJPEG (YCbCr, 4:2:0, 8 x 8 DCT, tensordot-based). This module does the same with
-torch on the CPU. It is written from the description of those functions, for timing; it is not imported by
-the package.
+torch on the images' device (the CPU, or CUDA when the benchmark finds one). It is written from the
+description of those functions, for timing (and replayed with our draws in the degradation tests); it is
+not imported by the package.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def random_kernels(rng, cfg):
     else:
         sinc = np.zeros((21, 21))
         sinc[10, 10] = 1
-    return [torch.tensor(k, dtype=torch.float32) for k in (k1, k2, sinc)]
+    return [torch.tensor(k, dtype=torch.float32) for k in (k1, k2, sinc)]  # host tensors, as basicsr's
 
 
 # -- torch ops ----------------------------------------------------------------------------------------------
@@ -109,9 +110,9 @@ def add_noise(rng, img, st):
     gray = rng.uniform() < st.gray_noise_prob
     if rng.uniform() < st.gaussian_noise_prob:
         sigma = rng.uniform(*st.noise_range)
-        noise = torch.randn(img.shape) * sigma / 255.0
+        noise = torch.randn(img.shape, device=img.device) * sigma / 255.0
         if gray:
-            noise = torch.randn((1, 1, *img.shape[2:])) * sigma / 255.0
+            noise = torch.randn((1, 1, *img.shape[2:]), device=img.device) * sigma / 255.0
     else:
         scale = rng.uniform(*st.poisson_scale_range)
         noise = _poisson_noise(img)
@@ -133,18 +134,22 @@ _C[:4, :4] = np.array([[17, 18, 24, 47], [18, 21, 26, 66], [24, 26, 56, 99], [47
 class DiffJPEG:
     """DiffJPEG(differentiable=False) as basicsr: torch.round, float tables, zero padding to 16."""
 
-    def __init__(self):
+    def __init__(self, device="cpu"):
         x = np.arange(8)
         cos = np.cos((2 * x[:, None] + 1) * x[None, :] * np.pi / 16)  # (x, u)
         alpha = np.array([1 / np.sqrt(2)] + [1] * 7)
-        self.dct = torch.tensor(np.einsum("xu,yv->xyuv", cos, cos), dtype=torch.float32)
-        self.scale = torch.tensor(np.outer(alpha, alpha) * 0.25, dtype=torch.float32)
-        self.alpha = torch.tensor(np.outer(alpha, alpha), dtype=torch.float32)
-        self.y, self.c = torch.tensor(_Y), torch.tensor(_C)
+        self.dct = torch.tensor(np.einsum("xu,yv->xyuv", cos, cos), dtype=torch.float32, device=device)
+        self.scale = torch.tensor(np.outer(alpha, alpha) * 0.25, dtype=torch.float32, device=device)
+        self.alpha = torch.tensor(np.outer(alpha, alpha), dtype=torch.float32, device=device)
+        self.y, self.c = torch.tensor(_Y, device=device), torch.tensor(_C, device=device)
         self.rgb2ycc = torch.tensor(
-            [[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]]
+            [[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]], device=device
         ).T
-        self.ycc2rgb = torch.tensor([[1.0, 0.0, 1.402], [1, -0.344136, -0.714136], [1, 1.772, 0]]).T
+        self.ycc2rgb = torch.tensor(
+            [[1.0, 0.0, 1.402], [1, -0.344136, -0.714136], [1, 1.772, 0]], device=device
+        ).T
+
+        self.shift = torch.tensor([0.0, 128, 128], device=device)
 
     def _blocks(self, plane):
         b, h, w = plane.shape
@@ -165,9 +170,7 @@ class DiffJPEG:
         h, w = x.shape[-2:]
         x = F.pad(x, (0, (16 - w % 16) % 16, 0, (16 - h % 16) % 16))
         hp, wp = x.shape[-2:]
-        ycc = torch.tensordot(x.permute(0, 2, 3, 1) * 255, self.rgb2ycc, dims=1) + torch.tensor(
-            [0.0, 128, 128]
-        )
+        ycc = torch.tensordot(x.permute(0, 2, 3, 1) * 255, self.rgb2ycc, dims=1) + self.shift
         y = ycc[..., 0]
         cb = F.avg_pool2d(ycc[..., 1].unsqueeze(1), 2).squeeze(1)
         cr = F.avg_pool2d(ycc[..., 2].unsqueeze(1), 2).squeeze(1)
@@ -175,7 +178,7 @@ class DiffJPEG:
         cb = self._merge(self._codec(cb, self.c * factor), hp // 2, wp // 2)
         cr = self._merge(self._codec(cr, self.c * factor), hp // 2, wp // 2)
         up = lambda p: p.repeat_interleave(2, 1).repeat_interleave(2, 2)  # noqa: E731
-        ycc = torch.stack([y, up(cb), up(cr)], dim=-1) + torch.tensor([0.0, -128, -128])
+        ycc = torch.stack([y, up(cb), up(cr)], dim=-1) - self.shift
         rgb = torch.tensordot(ycc, self.ycc2rgb, dims=1).permute(0, 3, 1, 2)
         return (rgb.clamp(0, 255) / 255)[:, :, :h, :w]
 
@@ -194,7 +197,7 @@ def _scale(rng, st):
 
 def degrade_one(rng, jpeger, gt, cfg):
     """One image (1, 3, H, W) in [0, 1] through the second-order model, as RASS's `feed_data`."""
-    k1, k2, sinc = random_kernels(rng, cfg)
+    k1, k2, sinc = (k.to(gt.device) for k in random_kernels(rng, cfg))  # host -> device, per image
     h, w = gt.shape[2:]
     out = filter2d(gt, k1)
     out = F.interpolate(out, scale_factor=_scale(rng, cfg.stage1), mode=random.choice(_MODES))
@@ -216,5 +219,9 @@ def degrade_one(rng, jpeger, gt, cfg):
 
 @torch.no_grad()
 def degrade_batch(rng, jpeger, images, cfg):
-    """images (B, 3, H, W) float32 in [0, 1]; the per-image loop of the original."""
-    return torch.cat([degrade_one(rng, jpeger, images[i : i + 1], cfg) for i in range(images.shape[0])])
+    """images (B, 3, H, W) float32 in [0, 1] on the CPU or a CUDA device; the per-image loop of the original.
+    Returns when the device has finished."""
+    out = torch.cat([degrade_one(rng, jpeger, images[i : i + 1], cfg) for i in range(images.shape[0])])
+    if out.is_cuda:
+        torch.cuda.synchronize()
+    return out
