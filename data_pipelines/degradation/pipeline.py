@@ -289,8 +289,6 @@ def _apply(images: jax.Array, size0: jax.Array, p: DegradationParams, spec: _Spe
     h, w = spec.size
     method = spec.noise_rng
     taps1, taps2, taps3 = spec.taps
-    x = jnp.moveaxis(images.astype(jnp.float32), -1, 1)  # (b, 3, H, W): every op is per channel
-    x = x * jax.vmap(valid_mask, in_axes=(0, None, None))(size0, h, w)  # zero outside each image
 
     # Each resize returns its images transposed (resize.py); the ops between resizes take the orientation
     # as it comes: sizes and kernels flipped, JPEG told (its tables flip). Sizes below are (rows, cols).
@@ -321,13 +319,18 @@ def _apply(images: jax.Array, size0: jax.Array, p: DegradationParams, spec: _Spe
         img = noise(img, grey, valid, key, prm)
         return jax.lax.cond(order_a, lambda: img, lambda: compress(img, valid, q, False))
 
-    def final(img, valid, kernel, on, q, order_a):  # (3, W, H): sinc, order A's JPEG
+    def first(img, valid, kernel, on):  # (H, W, 3) -> (3, H, W) (ops are per channel): mask, stage-1 blur
+        img = jnp.moveaxis(img.astype(jnp.float32), -1, 0)  # per image: cheaper than the batch's transpose
+        return blur(img * valid_mask(valid, h, w), kernel, valid, on)
+
+    def final(img, valid, kernel, on, q, order_a):  # (3, W, H): sinc, order A's JPEG, 8 bits
         img = blur(img, kernel, valid, on)
         padded = jnp.pad(jnp.clip(img, 0.0, 1.0), ((0, 0), (0, ceil16(w) - w), (0, ceil16(h) - h)))
-        return jax.lax.cond(order_a, lambda: compress(padded, valid, q, True)[:, :w, :h], lambda: img)
+        img = jax.lax.cond(order_a, lambda: compress(padded, valid, q, True)[:, :w, :h], lambda: img)
+        return jnp.clip(jnp.round(img * 255.0), 0.0, 255.0) / 255.0
 
     # stage 1: blur, resize (F.interpolate(scale_factor=s1)), noise, JPEG
-    x = _map(blur, x, p.kernel1, size0, p.blur1)  # (b, 3, H, W)
+    x = _map(first, images, size0, p.kernel1, p.blur1)  # (b, 3, H, W)
     inv_s1 = jnp.broadcast_to((1.0 / p.scale1)[:, None], size0.shape)
     x = resize_transposed(x, spec.canvas1, size0, p.size1, p.mode1, inv_s1, taps1)  # (b, 3, W1, H1)
     size1 = flip(p.size1)
@@ -348,8 +351,6 @@ def _apply(images: jax.Array, size0: jax.Array, p: DegradationParams, spec: _Spe
     ratio3 = p.size2.astype(jnp.float32) / size0.astype(jnp.float32)
     x = resize_transposed(x, (h, w), p.size2, size0, p.mode3, ratio3, taps3)  # (b, 3, W, H)
     x = _map(final, x, flip(size0), flip_kernel(p.sinc), p.sinc_on, p.quality2, p.order_a)
-
-    x = jnp.clip(jnp.round(x * 255.0), 0.0, 255.0) / 255.0
     return jnp.transpose(x, (0, 3, 2, 1)).astype(images.dtype)  # (b, W, H, 3) -> (b, H, W, 3)
 
 
