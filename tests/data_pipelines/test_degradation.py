@@ -24,6 +24,7 @@ from lqseg_jax.data_pipelines.degradation import (
     rass_pair,
     sample_params,
 )
+from lqseg_jax.data_pipelines.degradation import buckets as bk
 from lqseg_jax.data_pipelines.degradation import filter as filt
 from lqseg_jax.data_pipelines.degradation import jpeg as jp
 from lqseg_jax.data_pipelines.degradation import kernels as kern
@@ -221,6 +222,19 @@ def test_filter2d_matches_torch_reflect_conv():
 
 def _psnr(a, b):
     return 10 * np.log10(255.0**2 / np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+
+
+def test_buckets_hold_every_size_and_pick_the_smallest():
+    canvases = bk.buckets((768, 624))
+    assert len(canvases) == bk.MAX_BUCKETS and canvases[-1] == (768, 624)
+    assert all(r % 16 == 0 and c % 16 == 0 for r, c in canvases)
+    assert [r for r, _ in canvases] == sorted(r for r, _ in canvases)
+    sizes = np.array([[1, 1], [128, 104], [129, 10], [10, 105], [700, 600], [768, 624]], np.int32)
+    index = np.asarray(bk.bucket_index(jnp.asarray(sizes), canvases))
+    for (r, c), k in zip(sizes, index):
+        assert r <= canvases[k][0] and c <= canvases[k][1]
+        assert k == 0 or r > canvases[k - 1][0] or c > canvases[k - 1][1]
+    assert bk.buckets((96, 96)) == ((32, 32), (64, 64), (96, 96))  # at least 32 pixels each
 
 
 def test_jpeg_psnr_within_1db_of_pillow_and_rises_with_quality():
