@@ -52,8 +52,8 @@ class System(abc.ABC):
         # Under the trainer's mesh the batch is split over the batch axes and each device degrades its images.
         mesh = jax.sharding.get_abstract_mesh()
         split = {} if mesh.empty else {"mesh": mesh, "batch_axis": BATCH_AXES}
-        lq = degrade(jax.random.fold_in(rng, 0xDE6), hq / 255.0, get_config(deg.preset), **split) * 255.0
-        return lq, hq
+        lq = degrade(jax.random.fold_in(rng, 0xDE6), hq / 255.0, get_config(deg.preset), **split)
+        return jnp.round(lq * 255.0), hq  # 8-bit levels, exact whichever way XLA fuses the scaling
 
     def predict_batch(self, model: nnx.Module, batch: dict[str, jax.Array]) -> jax.Array:
         """Class scores (b, h, w, K) for a device batch, whose extra entries (from `host_batch`) a system may
