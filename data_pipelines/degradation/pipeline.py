@@ -15,8 +15,8 @@ top-left corner and zeros elsewhere; every op takes the image's valid size as da
 - JPEG: the zeros right and below the image are exactly DiffJPEG's zero padding to a multiple of 16.
 So every op computes what the original computes at the image's true size. To keep the canvas from costing
 time too, the ops between two resizes run per image on the smallest of up to six static sub-canvases
-(k/6 of the canvas) that holds the image, picked with lax.switch (`_map_bucketed`): a new random size picks
-another compiled branch, never a new compilation. Deviations from the original, documented where they live:
+(k/n of the canvas, buckets.py) that holds the image, picked with lax.switch (`_map_bucketed`): a new
+random size picks another compiled branch, never a new compilation. Deviations from the original, documented where they live:
 the Poisson sampler above lambda = 8 (noise.py), the FFT correlation (float32 rounding, ~1e-6), and RASS's
 final `F.interpolate(lq, size=(H, W), mode="bilinear")`, an identity at scale 1, which we skip.
 
