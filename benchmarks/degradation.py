@@ -86,16 +86,15 @@ def main() -> None:
         ours_warm[n] = time.perf_counter() - t0
     n_devices = min(ours_warm, key=ours_warm.get)
     mesh = meshes[n_devices]
-    # warm-up; give the reference its faster thread count (on a shared 2-core VM, 2 torch threads ran
-    # 4-5x slower than 1)
+    # warm-up; the reference gets its faster thread count (on this shared VM either can win)
     warm = {}
     for threads in [args.threads] if args.threads else sorted({1, all_cores}):
         torch.set_num_threads(threads)
         t = time.perf_counter()
         original(0)
         warm[threads] = time.perf_counter() - t
-    cores = min(warm, key=warm.get)
-    torch.set_num_threads(cores)
+    torch_threads = min(warm, key=warm.get)
+    torch.set_num_threads(torch_threads)
 
     times = {"ours": [], "original": []}
     for step in range(args.repeats):  # alternate, so that a slow spell of the machine hits both sides
@@ -110,7 +109,7 @@ def main() -> None:
     print(
         f"batch {args.batch} x {args.size}x{args.size}, preset {args.preset}, jax {jax.__version__} "
         f"({devices[0].platform}, {n_devices} device(s)), torch {torch.__version__} on {torch_device} "
-        f"({cores} threads)"
+        f"({torch_threads} threads)"
     )
     print(f"{'side':10s} {'median s/batch':>15s} {'images/s':>10s}   runs (s)")
     for name in ("ours", "original"):
@@ -136,7 +135,7 @@ def main() -> None:
         "backend": devices[0].platform,
         "devices": n_devices,
         "torch_device": torch_device,
-        "torch_threads": cores,
+        "torch_threads": torch_threads,
     }
     print(json.dumps(result))
 

@@ -16,9 +16,10 @@ top-left corner and zeros elsewhere; every op takes the image's valid size as da
 So every op computes what the original computes at the image's true size. To keep the canvas from costing
 time too, the ops between two resizes run per image on the smallest of up to six static sub-canvases
 (k/n of the canvas, buckets.py) that holds the image, picked with lax.switch (`_map_bucketed`): a new
-random size picks another compiled branch, never a new compilation. Deviations from the original, documented where they live:
-the Poisson sampler above lambda = 8 (noise.py), the FFT correlation (float32 rounding, ~1e-6), and RASS's
-final `F.interpolate(lq, size=(H, W), mode="bilinear")`, an identity at scale 1, which we skip.
+random size picks another compiled branch, never a new compilation. Deviations from the original,
+documented where they live: the Poisson sampler above lambda = 8 (noise.py), the FFT correlation (float32
+rounding, ~1e-6), and RASS's final `F.interpolate(lq, size=(H, W), mode="bilinear")`, an identity at
+scale 1, which we skip.
 
 Orientation. A resize is two row-gather passes with one transpose between them, and returns its images
 transposed (resize.py); the ops up to the next resize work on the transposed images (sizes and kernels
@@ -325,7 +326,7 @@ def _apply(images: jax.Array, size0: jax.Array, p: DegradationParams, spec: _Spe
 
     def final(img, valid, kernel, on, q, order_a):  # (3, W, H): sinc, order A's JPEG, 8 bits
         img = blur(img, kernel, valid, on)
-        padded = jnp.pad(jnp.clip(img, 0.0, 1.0), ((0, 0), (0, ceil16(w) - w), (0, ceil16(h) - h)))
+        padded = pad_to(jnp.clip(img, 0.0, 1.0), ceil16(w), ceil16(h))  # DiffJPEG's zero padding
         img = jax.lax.cond(order_a, lambda: compress(padded, valid, q, True)[:, :w, :h], lambda: img)
         return jnp.clip(jnp.round(img * 255.0), 0.0, 255.0) / 255.0
 
