@@ -8,11 +8,14 @@ A prepared split (scripts/prepare_data.py writes it) is one folder:
 Record format (version 1), dependency-free: one ArrayRecord record per example holds
     b"LQR1"                     4 bytes, magic and version
     n                           uint32, little-endian: length of the header
-    header                      n bytes of UTF-8 JSON: {"name": str, "image": int, "label": int}
+    header                      n bytes of UTF-8 JSON: {"name": str, "image": int, "label": int} and, for a
+                                paired example, "reference": int
     image bytes                 header["image"] bytes: the encoded image exactly as in the source (JPEG/PNG)
     label bytes                 header["label"] bytes: a single-channel 8-bit PNG of train ids (255 = ignore),
                                 so the source's label_map is "identity"; 0 bytes for an unlabeled example
-A record therefore decodes to {"image": bytes, "label": bytes, "name": str}, the record FolderSource gives.
+    reference bytes             header["reference"] bytes (paired examples only): the encoded reference image
+A record therefore decodes to {"image": bytes, "label": bytes, "name": str}, the record FolderSource gives,
+plus "reference": bytes for a paired example (refign_sources.PairedSource).
 
 records.json: {"format": "lqseg-records", "version": 1, "dataset", "split", "count", "shards":
 [{"file", "count"}], "num_classes", "classes", "label_map": "identity", "ignore_label": 255,
@@ -26,7 +29,7 @@ import os
 import shutil
 import struct
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import grain
@@ -42,10 +45,13 @@ WRITER_OPTIONS = "group_size:1"
 _HEADER_LEN = struct.Struct("<I")
 
 
-def encode_record(name: str, image: bytes, label: bytes) -> bytes:
-    """One example -> the bytes of one record (format above)."""
-    header = json.dumps({"name": name, "image": len(image), "label": len(label)}).encode()
-    return b"".join((MAGIC, _HEADER_LEN.pack(len(header)), header, image, label))
+def encode_record(name: str, image: bytes, label: bytes, reference: bytes | None = None) -> bytes:
+    """One example -> the bytes of one record (format above); `reference` for a paired example."""
+    fields = {"name": name, "image": len(image), "label": len(label)}
+    if reference is not None:
+        fields["reference"] = len(reference)
+    header = json.dumps(fields).encode()
+    return b"".join((MAGIC, _HEADER_LEN.pack(len(header)), header, image, label, reference or b""))
 
 
 def decode_record(data: bytes, where: str = "record") -> dict:
@@ -58,19 +64,23 @@ def decode_record(data: bytes, where: str = "record") -> dict:
     try:
         header = json.loads(data[8 : 8 + n])
         name, n_image, n_label = header["name"], int(header["image"]), int(header["label"])
+        n_ref = int(header["reference"]) if "reference" in header else None
     except (ValueError, KeyError, TypeError) as e:
         raise DataError(f"{where}: malformed header ({e}); expected JSON with name, image, label") from e
     start = 8 + n
-    if len(data) != start + n_image + n_label:
+    if len(data) != start + n_image + n_label + (n_ref or 0):
         raise DataError(
             f"{where} ({name}): holds {len(data) - start} payload bytes, the header announces "
-            f"{n_image} + {n_label}"
+            f"{n_image} + {n_label}" + (f" + {n_ref}" if n_ref is not None else "")
         )
-    return {
+    out = {
         "image": data[start : start + n_image],
-        "label": data[start + n_image :],
+        "label": data[start + n_image : start + n_image + n_label],
         "name": name,
     }
+    if n_ref is not None:
+        out["reference"] = data[start + n_image + n_label :]
+    return out
 
 
 def split_dir(root: str | Path, split: str) -> Path:
@@ -149,14 +159,17 @@ def shard_counts(count: int, num_shards: int) -> list[int]:
 def write_split(
     out: str | Path,
     split: str,
-    examples: Iterable[tuple[str, bytes, bytes]],
+    examples: Iterable[tuple[str, bytes, bytes] | tuple[str, bytes, bytes, bytes]],
     *,
     count: int,
     num_shards: int,
     metadata: dict,
     progress: bool = True,
+    extra_files: dict[str, bytes] | Callable[[], dict[str, bytes]] | None = None,
 ) -> dict:
-    """Writes `count` (name, image bytes, label PNG bytes) examples as OUT/<split>/, replacing what was there.
+    """Writes `count` (name, image bytes, label PNG bytes[, reference bytes]) examples as OUT/<split>/,
+    replacing what was there; `extra_files` (file name -> bytes, or a function called once every example is
+    written, for files computed on the way) are written beside records.json.
 
     Everything is written to a temporary folder beside it and swapped in by renames only once complete,
     so an error half-way (a corrupt image) leaves the previous output untouched. Returns the metadata.
@@ -200,6 +213,10 @@ def write_split(
             "shards": [{"file": f, "count": n} for f, n in zip(files, counts, strict=True)],
         }
         (tmp / METADATA).write_text(json.dumps(meta, indent=1) + "\n")
+        if callable(extra_files):
+            extra_files = extra_files()
+        for file_name, data in (extra_files or {}).items():
+            (tmp / file_name).write_bytes(data)
         final = split_dir(out, split)
         old = None
         if final.exists():

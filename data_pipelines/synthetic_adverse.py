@@ -20,7 +20,7 @@ Layout (labels are train ids 0..9, 255 = ignore):
     ROOT/acdc/rgb_anon/<cond>/{train,val}_ref/<REC>/<REC>_frame_XXXXXX_rgb_ref_anon.png
     ROOT/acdc/gt/<cond>/{train,val}/<REC>/<REC>_frame_XXXXXX_gt_labelTrainIds.png
     ROOT/acdc/flow/<cond>/{train,val}/<REC>/<REC>_frame_XXXXXX_flow.npy      (h, w, 2) float16
-with <cond> in night, fog, rain and one recording <REC> = GOPR0<c><s>00 per condition c and split s.
+with <cond> in night, fog, rain and one recording <REC> = GOPR0<c><s>0 per condition c and split s.
 """
 
 from __future__ import annotations
@@ -197,7 +197,7 @@ def make_pair(seed: int, condition: str, height: int = 120, width: int = 160, wa
 
 def recording(condition: str, split: str) -> str:
     """The ACDC-style recording name of a condition and split."""
-    return f"GOPR0{CONDITIONS.index(condition)}{SPLITS.index(split)}00"
+    return f"GOPR0{CONDITIONS.index(condition)}{SPLITS.index(split)}0"
 
 
 def flow_path(acdc_root: str | Path, image_path: str | Path) -> Path:

@@ -3,15 +3,71 @@
     python scripts/prepare_data.py ade20k --src ADEChallengeData2016.zip --out data/ade20k_records
     python scripts/prepare_data.py ade20k --src data/RealLQ --out data/reallq_records --splits validation
 
+Refign's datasets (lqseg_jax/data_pipelines/refign_sources.py; each split's count is checked):
+    python scripts/prepare_data.py cityscapes --src data/Cityscapes --out data/cityscapes_records
+    python scripts/prepare_data.py acdc --src data/ACDC --out data/acdc_records
+    python scripts/prepare_data.py darkzurich --src data/DarkZurich --out data/darkzurich_records \\
+        --pair-list refign/data_modules/datasets/lists/zurich_dn_pair_train.csv
+    python scripts/prepare_data.py nighttimedriving --src data/NighttimeDrivingTest --out data/ntd_records
+    python scripts/prepare_data.py bdd100k-night --src data/bdd100k --out data/bdd_night_records \\
+        --night-list refign/data_modules/datasets/lists/images_trainval_night_correct_filenames.txt
+    python scripts/prepare_data.py robotcar --src data/RobotCar --out data/robotcar_records
+
 Writes OUT/<split>/records.json and OUT/<split>/<split>-*.array_record per split, labels already mapped to
-detectron2 ids (raw - 1, 0 -> 255). Point config.data.root at OUT: build_source uses the records for a split
+detectron2 ids (raw - 1, 0 -> 255) for ADE20K, to Cityscapes train ids for Refign's datasets, whose splits
+also get manifest.json (image, label, reference per record, relative to --src). Point config.data.root at OUT: build_source uses the records for a split
 that has them. Re-running replaces a split atomically.
 """
 
 import argparse
 import os
 
+from lqseg_jax.data_pipelines import refign_sources
 from lqseg_jax.data_pipelines.ade20k import prepare_ade20k
+
+REFIGN_HELP = {
+    "cityscapes": "Cityscapes (leftImg8bit/ and gtFine/ extracted into one folder); train also gets the "
+    "rare-class statistics",
+    "acdc": "ACDC (rgb_anon/ and gt/ extracted into one folder); image + reference (+ label) per record",
+    "darkzurich": "Dark Zurich (rgb_anon/ and gt/); train pairs from --pair-list",
+    "nighttimedriving": "Nighttime Driving test (NighttimeDrivingTest/ folder)",
+    "bdd100k-night": "BDD100k-night: the 87 images of --night-list from the bdd100k/ folder",
+    "robotcar": "RobotCar segmentation (segmented_images/{training,validation,testing}/{imgs,annos})",
+}
+REFIGN_OPTIONS = {"darkzurich": ("pair_list",), "bdd100k-night": ("night_list",)}
+
+
+def _add_refign_parsers(sub) -> None:
+    for name, help_text in REFIGN_HELP.items():
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--src", required=True, help="the extracted dataset folder")
+        p.add_argument("--out", required=True, help="output folder (one subfolder per split)")
+        p.add_argument(
+            "--splits",
+            default=",".join(refign_sources.DEFAULT_SPLITS[name]),
+            help="comma-separated (default: %(default)s)",
+        )
+        p.add_argument(
+            "--workers",
+            type=int,
+            default=min(8, os.cpu_count() or 1),
+            help="decode/encode threads (%(default)s)",
+        )
+        p.add_argument(
+            "--shard-size-mb", type=float, default=512, help="target shard size (default: %(default)s)"
+        )
+        p.add_argument("--no-progress", action="store_true", help="no progress bar")
+        if name == "darkzurich":
+            p.add_argument(
+                "--pair-list",
+                help="your copy of refign's data_modules/datasets/lists/zurich_dn_pair_train.csv",
+            )
+        if name == "bdd100k-night":
+            p.add_argument(
+                "--night-list",
+                required=True,
+                help="your copy of refign's data_modules/datasets/lists/images_trainval_night_correct_filenames.txt",
+            )
 
 
 def main(argv=None) -> None:
@@ -35,16 +91,29 @@ def main(argv=None) -> None:
         "--shard-size-mb", type=float, default=512, help="target shard size (default: %(default)s)"
     )
     ade.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_refign_parsers(sub)
     args = parser.parse_args(argv)
     splits = [s for s in args.splits.split(",") if s]
-    results = prepare_ade20k(
-        args.src,
-        args.out,
-        splits,
-        workers=args.workers,
-        shard_size_mb=args.shard_size_mb,
-        progress=not args.no_progress,
-    )
+    if args.dataset == "ade20k":
+        results = prepare_ade20k(
+            args.src,
+            args.out,
+            splits,
+            workers=args.workers,
+            shard_size_mb=args.shard_size_mb,
+            progress=not args.no_progress,
+        )
+    else:
+        results = refign_sources.prepare(
+            args.dataset,
+            args.src,
+            args.out,
+            splits,
+            workers=args.workers,
+            shard_size_mb=args.shard_size_mb,
+            progress=not args.no_progress,
+            **{k: getattr(args, k) for k in REFIGN_OPTIONS.get(args.dataset, ())},
+        )
     for split, meta in results.items():
         print(f"{split}: {meta['count']} examples in {len(meta['shards'])} shard(s) under {args.out}/{split}")
 
