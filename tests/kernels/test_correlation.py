@@ -2,10 +2,13 @@
 
 The PyTorch formula restates spatial-correlation-sampler (kernel 1, stride 1; refign.md section 5) in
 its own layout: NCHW inputs, x2 zero-padded, one shifted product per displacement summed over
-channels, output (b, p, p, h, w); it runs in float64 and its gradients come from torch autograd.
+channels, output (b, p, p, h, w); it runs in float64 and its gradients come from torch autograd. The
+Pallas kernels run in interpret mode (GPU kernel: the HLO interpreter; TPU kernel: `pltpu.InterpretParams`).
 """
 
 from __future__ import annotations
+
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -15,11 +18,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lqseg_jax.kernels.correlation import local_correlation, local_correlation_reference
+from lqseg_jax.kernels.correlation import (
+    local_correlation,
+    local_correlation_reference,
+    pallas_gpu,
+    pallas_tpu,
+)
+from lqseg_jax.kernels.correlation import op as corr_op
 
-IMPLS = ("reference",)
+IMPLS = ("reference", "pallas_gpu", "pallas_tpu")
 FP32_RTOL = 1e-5  # max |ours - torch| / max |torch|, per output and per gradient
 BF16_RTOL = 1e-2  # bf16 inputs and outputs, float32 accumulation, vs float64 on the same rounded inputs
+# Interpret-mode kernels are large unrolled programs; compiling them without LLVM's expensive passes
+# keeps this file fast and does not change the arithmetic being checked.
+_FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 CASES = {
     # UAWarpC's patch on a map smaller than the displacement range, odd non-square size, odd c
@@ -28,6 +40,8 @@ CASES = {
     "p3_dil2_batch3": dict(batch=3, height=6, width=4, channels=11, patch=3, dilation=2),
     # patch 1: a per-pixel dot product
     "p1": dict(batch=2, height=3, width=5, channels=3, patch=1, dilation=1),
+    # the pool3 map of a 540x960 image: several row blocks (TPU) and pixel blocks (GPU), a ragged last one
+    "67x120_p3": dict(batch=1, height=67, width=120, channels=3, patch=3, dilation=1),
 }
 
 
@@ -82,7 +96,7 @@ def _jax_forward_and_grads(impl: str, x1, x2, grad_out, patch: int, dilation: in
         return out, vjp(g)
 
     arrays = [jnp.asarray(x) for x in (x1, x2, grad_out)]
-    out, grads = jax.jit(run)(*arrays)
+    out, grads = jax.jit(run).lower(*arrays).compile(compiler_options=_FAST_COMPILE)(*arrays)
     return np.asarray(out.astype(jnp.float32)), [np.asarray(g.astype(jnp.float32)) for g in grads]
 
 
@@ -114,19 +128,20 @@ def test_forward_and_grads_match_torch_and_reference(case_name, impl):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_channel_order(impl):
     """Patch 9: displacement dy = +2, dx = -1 is channel (2 + 4) * 9 + (-1 + 4) = 57."""
-    x1 = np.zeros((1, 9, 9, 2), np.float32)
-    x2 = np.zeros((1, 9, 9, 2), np.float32)
-    x1[0, 4, 4] = (1.0, 2.0)
-    x2[0, 6, 3] = (3.0, 5.0)
-    out = np.asarray(local_correlation(jnp.asarray(x1), jnp.asarray(x2), impl=impl, interpret=True))
-    expected = np.zeros((1, 9, 9, 81), np.float32)
-    expected[0, 4, 4, 57] = 13.0
+    x1 = np.zeros((1, 7, 7, 2), np.float32)
+    x2 = np.zeros((1, 7, 7, 2), np.float32)
+    x1[0, 3, 3] = (1.0, 2.0)
+    x2[0, 5, 2] = (3.0, 5.0)
+    fn = jax.jit(lambda a, b: local_correlation(a, b, impl=impl, interpret=True))
+    out = np.asarray(fn.lower(x1, x2).compile(compiler_options=_FAST_COMPILE)(x1, x2))
+    expected = np.zeros((1, 7, 7, 81), np.float32)
+    expected[0, 3, 3, 57] = 13.0
     np.testing.assert_array_equal(out, expected)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_bf16_tolerance(impl):
-    case = CASES["p3_dil2_batch3"]
+    case = dict(CASES["p3_dil2_batch3"], batch=1)
     p, d = case["patch"], case["dilation"]
     arrays = [np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32)) for x in _inputs(case, seed=1)]
     t_out, t_grads = _torch_forward_and_grads(*arrays, p, d)
@@ -140,7 +155,7 @@ def test_bf16_tolerance(impl):
         )
         return out, vjp(g)
 
-    out, grads = jax.jit(run)(*bf16)
+    out, grads = jax.jit(run).lower(*bf16).compile(compiler_options=_FAST_COMPILE)(*bf16)
     assert out.dtype == jnp.bfloat16 and all(g.dtype == jnp.bfloat16 for g in grads)
     for name, got, want in zip(_NAMES, [out, *grads], [t_out, *t_grads]):
         err = _rel_err(np.asarray(got.astype(jnp.float32)), want)
@@ -180,3 +195,71 @@ def test_input_errors():
         local_correlation(x, x, dilation_patch=1.5)
     with pytest.raises(ValueError, match="impl must be one of"):
         local_correlation(x, x, impl="cuda")
+
+
+def test_dispatch_on_cpu():
+    x = jnp.zeros((1, 4, 5, 3), jnp.float32)
+    assert corr_op.resolve_impl("auto", x, 9, 1) == "reference"
+    with pytest.raises(ValueError, match="needs a gpu backend"):
+        local_correlation(x, x, impl="pallas_gpu")
+    with pytest.raises(ValueError, match="needs a tpu backend"):
+        local_correlation(x, x, impl="pallas_tpu")
+
+
+def test_fallback_logs_reason_once(caplog):
+    """float16 is not a TPU kernel dtype: the reference runs, and the reason is logged once."""
+    case = CASES["p1"]
+    x1, x2, _ = _inputs(case)
+    t_out, _ = _torch_forward_and_grads(x1, x2, np.zeros((2, 3, 5, 1), np.float32), 1, 1)
+    with caplog.at_level(logging.WARNING, logger=corr_op.__name__):
+        for _ in range(2):
+            out = local_correlation(
+                jnp.asarray(x1, jnp.float16),
+                jnp.asarray(x2, jnp.float16),
+                patch_size=1,
+                impl="pallas_tpu",
+                interpret=True,
+            )
+    messages = [r.getMessage() for r in caplog.records if "pallas_tpu cannot take" in r.getMessage()]
+    assert messages == [messages[0]] and "float16" in messages[0], messages
+    assert out.dtype == jnp.float16
+    assert _rel_err(np.asarray(out, np.float32), t_out) <= 2e-3
+
+
+@pytest.mark.parametrize(
+    "module, platform, custom_call",
+    [(pallas_gpu, "cuda", "__gpu$xla.gpu.triton"), (pallas_tpu, "tpu", "tpu_custom_call")],
+    ids=["pallas_gpu-triton", "pallas_tpu-mosaic"],
+)
+def test_kernels_pass_the_real_lowering(module, platform, custom_call):
+    """Interpret mode skips the Triton / Mosaic lowering; lower forward and backward for the real platform.
+
+    bf16 inputs, UAWarpC's patch, the 67x120 map and a channel count that is not a multiple of 8.
+    """
+    x = jax.ShapeDtypeStruct((2, 67, 120, 57), jnp.bfloat16)
+    g = jax.ShapeDtypeStruct((2, 67, 120, 81), jnp.bfloat16)
+
+    def fwd_bwd(a, b, gg):
+        kw = dict(patch_size=9, dilation_patch=1)
+        return module.forward(a, b, **kw), module.backward(a, b, gg, **kw)
+
+    text = jax.jit(fwd_bwd).trace(x, x, g).lower(lowering_platforms=(platform,)).as_text()
+    assert text.count(f"custom_call @{custom_call}") == 3  # forward + 2 backward kernels
+
+
+def test_kernel_runs_per_batch_shard_under_a_mesh():
+    """Under jax.set_mesh the kernel is wrapped in shard_map over the batch; results are unchanged."""
+    case = dict(CASES["p1"], batch=4, patch=3)
+    x1, x2, grad_out = _inputs(case)
+    t_out, t_grads = _torch_forward_and_grads(x1, x2, grad_out, 3, 1)
+    mesh = jax.make_mesh(
+        (2, 2), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2, devices=jax.devices()[:4]
+    )
+    with jax.set_mesh(mesh):
+        jaxpr = jax.make_jaxpr(
+            lambda a, b: local_correlation(a, b, patch_size=3, impl="pallas_gpu", interpret=True)
+        )(x1, x2)
+        out, grads = _jax_forward_and_grads("pallas_gpu", x1, x2, grad_out, 3, 1)
+    assert "shard_map" in str(jaxpr)
+    for name, got, want in zip(_NAMES, [out, *grads], [t_out, *t_grads]):
+        assert _rel_err(got, want) <= FP32_RTOL, f"{name} under a mesh: {_rel_err(got, want):.2e}"
