@@ -14,8 +14,11 @@ Record format (version 1), dependency-free: one ArrayRecord record per example h
     label bytes                 header["label"] bytes: a single-channel 8-bit PNG of train ids (255 = ignore),
                                 so the source's label_map is "identity"; 0 bytes for an unlabeled example
     reference bytes             header["reference"] bytes (paired examples only): the encoded reference image
+    matches bytes               header["matches"] bytes (matching pairs only): .npy of (n, 4) float32
+                                (x_ref, y_ref, x, y) pixel correspondences
 A record therefore decodes to {"image": bytes, "label": bytes, "name": str}, the record FolderSource gives,
-plus "reference": bytes for a paired example (refign_sources.PairedSource).
+plus "reference": bytes for a paired example (refign_sources.PairedSource) and "matches": bytes for a
+matching pair (refign_matching.py).
 
 records.json: {"format": "lqseg-records", "version": 1, "dataset", "split", "count", "shards":
 [{"file", "count"}], "num_classes", "classes", "label_map": "identity", "ignore_label": 255,
@@ -45,17 +48,28 @@ WRITER_OPTIONS = "group_size:1"
 _HEADER_LEN = struct.Struct("<I")
 
 
-def encode_record(name: str, image: bytes, label: bytes, reference: bytes | None = None) -> bytes:
-    """One example -> the bytes of one record (format above); `reference` for a paired example."""
+# Payloads after the label, in this order, present when the header names them.
+OPTIONAL_FIELDS = ("reference", "matches")
+
+
+def encode_record(
+    name: str, image: bytes, label: bytes, reference: bytes | None = None, matches: bytes | None = None
+) -> bytes:
+    """One example -> the bytes of one record (format above); `reference` for a paired example, `matches`
+    (an .npy of (n, 4) float32 x_ref, y_ref, x, y) for a matching pair."""
     fields = {"name": name, "image": len(image), "label": len(label)}
-    if reference is not None:
-        fields["reference"] = len(reference)
+    payloads = [image, label]
+    for key, value in zip(OPTIONAL_FIELDS, (reference, matches), strict=True):
+        if value is not None:
+            fields[key] = len(value)
+            payloads.append(value)
     header = json.dumps(fields).encode()
-    return b"".join((MAGIC, _HEADER_LEN.pack(len(header)), header, image, label, reference or b""))
+    return b"".join((MAGIC, _HEADER_LEN.pack(len(header)), header, *payloads))
 
 
 def decode_record(data: bytes, where: str = "record") -> dict:
-    """The bytes of one record -> {"image": bytes, "label": bytes, "name": str}; `where` names it in errors."""
+    """The bytes of one record -> {"image": bytes, "label": bytes, "name": str} plus the optional fields its
+    header names; `where` names it in errors."""
     if data[:4] != MAGIC:
         raise DataError(f"{where}: starts with {data[:4]!r} (expected the record magic {MAGIC!r})")
     if len(data) < 8:
@@ -63,23 +77,21 @@ def decode_record(data: bytes, where: str = "record") -> dict:
     (n,) = _HEADER_LEN.unpack_from(data, 4)
     try:
         header = json.loads(data[8 : 8 + n])
-        name, n_image, n_label = header["name"], int(header["image"]), int(header["label"])
-        n_ref = int(header["reference"]) if "reference" in header else None
+        name = header["name"]
+        sizes = {"image": int(header["image"]), "label": int(header["label"])}
+        sizes.update({k: int(header[k]) for k in OPTIONAL_FIELDS if k in header})
     except (ValueError, KeyError, TypeError) as e:
         raise DataError(f"{where}: malformed header ({e}); expected JSON with name, image, label") from e
     start = 8 + n
-    if len(data) != start + n_image + n_label + (n_ref or 0):
+    if len(data) != start + sum(sizes.values()):
         raise DataError(
             f"{where} ({name}): holds {len(data) - start} payload bytes, the header announces "
-            f"{n_image} + {n_label}" + (f" + {n_ref}" if n_ref is not None else "")
+            + " + ".join(str(v) for v in sizes.values())
         )
-    out = {
-        "image": data[start : start + n_image],
-        "label": data[start + n_image : start + n_image + n_label],
-        "name": name,
-    }
-    if n_ref is not None:
-        out["reference"] = data[start + n_image + n_label :]
+    out = {"name": name}
+    for key, size in sizes.items():
+        out[key] = data[start : start + size]
+        start += size
     return out
 
 
@@ -159,7 +171,7 @@ def shard_counts(count: int, num_shards: int) -> list[int]:
 def write_split(
     out: str | Path,
     split: str,
-    examples: Iterable[tuple[str, bytes, bytes] | tuple[str, bytes, bytes, bytes]],
+    examples: Iterable[tuple],
     *,
     count: int,
     num_shards: int,
@@ -167,7 +179,7 @@ def write_split(
     progress: bool = True,
     extra_files: dict[str, bytes] | Callable[[], dict[str, bytes]] | None = None,
 ) -> dict:
-    """Writes `count` (name, image bytes, label PNG bytes[, reference bytes]) examples as OUT/<split>/,
+    """Writes `count` (name, image bytes, label PNG bytes[, reference bytes[, matches]]) examples as OUT/<split>/,
     replacing what was there; `extra_files` (file name -> bytes, or a function called once every example is
     written, for files computed on the way) are written beside records.json.
 

@@ -23,7 +23,9 @@ Layouts (ROOT is the folder given to --src; names exactly as the originals):
                       ROOT/gtCoarse_daytime_trainvaltest/test/night/<name>_gtCoarse_labelTrainIds.png
     bdd100k-night     lines "seg/images/<split>/<id>.jpg" of the night list -> ROOT/images/10k/<split>/<id>.jpg,
                       ROOT/labels/sem_seg/masks/<split>/<id>.png
-    robotcar          ROOT/segmented_images/{training,validation,testing}/{imgs,annos}/<name>
+    robotcar          ROOT/segmented_images/{training,validation,testing}/{imgs,annos}/<name>; split "pairs":
+                      ROOT/correspondence_data/*.mat (HDF5: im_i_path = reference, im_j_path = target) with the
+                      images under ROOT/images/
 """
 
 from __future__ import annotations
@@ -431,13 +433,58 @@ def robotcar(root: str | Path, split: str, *, check_counts: bool = True) -> list
     return examples
 
 
+def read_mat_pair(path: Path) -> tuple[str, str]:
+    """A RobotCar correspondence .mat (MATLAB v7.3 = HDF5) -> (reference path im_i_path, target path
+    im_j_path), each stored as a column of character codes."""
+    try:
+        import h5py
+    except ImportError as e:
+        raise DataError(f"reading {path} needs h5py (pip install h5py): RobotCar .mat files are HDF5") from e
+    try:
+        with h5py.File(path, "r") as f:
+            paths = [f[k][()] if k in f else None for k in ("im_i_path", "im_j_path")]
+    except OSError as e:
+        raise DataError(f"{path}: not a readable HDF5 .mat file ({e})") from e
+    for key, codes in zip(("im_i_path", "im_j_path"), paths, strict=True):
+        if codes is None:
+            raise DataError(f"{path}: has no {key} (expected im_i_path and im_j_path character arrays)")
+    ref, img = ("".join(chr(int(c)) for c in np.asarray(codes).ravel()) for codes in paths)
+    return ref, img
+
+
+def robotcar_pairs(
+    root: str | Path, split: str = "pairs", *, check_counts: bool = True
+) -> list[PairedExample]:
+    """RobotCar unlabelled training pairs: ROOT/correspondence_data/*.mat -> target ROOT/images/<im_j_path>
+    with reference ROOT/images/<im_i_path>, resolved once (the original decodes the .mat at every load)."""
+    root = Path(root)
+    what = "RobotCar pairs"
+    corr = _dir(root / "correspondence_data", what, "ROOT/correspondence_data/*.mat")
+    mats = sorted(corr.glob("*.mat"))
+    if not mats:
+        raise DataError(f"{what}: {corr} holds no .mat files")
+    examples = []
+    for mat in mats:
+        ref, img = read_mat_pair(mat)
+        reference = _need(root / "images" / ref, what, mat, None)
+        image = _need(root / "images" / img, what, mat, None)
+        examples.append(PairedExample(_rel(image, root), image, None, reference))
+    return examples
+
+
+def _robotcar(root: str | Path, split: str, *, check_counts: bool = True) -> list[PairedExample]:
+    if split == "pairs":
+        return robotcar_pairs(root, split, check_counts=check_counts)
+    return robotcar(root, split, check_counts=check_counts)
+
+
 LISTERS: dict[str, Callable[..., list[PairedExample]]] = {
     "cityscapes": cityscapes,
     "acdc": acdc,
     "darkzurich": darkzurich,
     "nighttimedriving": nighttimedriving,
     "bdd100k-night": bdd100k_night,
-    "robotcar": robotcar,
+    "robotcar": _robotcar,
 }
 DEFAULT_SPLITS = {
     "cityscapes": ("train", "val"),
@@ -445,7 +492,7 @@ DEFAULT_SPLITS = {
     "darkzurich": ("train", "val", "test"),
     "nighttimedriving": ("test",),
     "bdd100k-night": ("test",),
-    "robotcar": ("train", "val", "test"),
+    "robotcar": ("train", "val", "test", "pairs"),
 }
 
 

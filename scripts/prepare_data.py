@@ -12,17 +12,22 @@ Refign's datasets (lqseg_jax/data_pipelines/refign_sources.py; each split's coun
     python scripts/prepare_data.py bdd100k-night --src data/bdd100k --out data/bdd_night_records \\
         --night-list refign/data_modules/datasets/lists/images_trainval_night_correct_filenames.txt
     python scripts/prepare_data.py robotcar --src data/RobotCar --out data/robotcar_records
+    python scripts/prepare_data.py megadepth --src data/MegaDepth --out data/megadepth_records \\
+        --train-scenes refign/data_modules/datasets/lists/train_scenes_MegaDepth.txt \\
+        --val-scenes refign/data_modules/datasets/lists/validation_scenes_MegaDepth.txt
+    python scripts/prepare_data.py robotcar-matching --src data/RobotCar --out data/robotcar_matching_records
 
 Writes OUT/<split>/records.json and OUT/<split>/<split>-*.array_record per split, labels already mapped to
 detectron2 ids (raw - 1, 0 -> 255) for ADE20K, to Cityscapes train ids for Refign's datasets, whose splits
-also get manifest.json (image, label, reference per record, relative to --src). Point config.data.root at OUT: build_source uses the records for a split
-that has them. Re-running replaces a split atomically.
+also get manifest.json (image, label, reference, for matching pairs the number of matches, per record,
+relative to --src). Point config.data.root at OUT: build_source uses the records for a split that has
+them. Re-running replaces a split atomically.
 """
 
 import argparse
 import os
 
-from lqseg_jax.data_pipelines import refign_sources
+from lqseg_jax.data_pipelines import refign_matching, refign_sources
 from lqseg_jax.data_pipelines.ade20k import prepare_ade20k
 
 REFIGN_HELP = {
@@ -32,7 +37,11 @@ REFIGN_HELP = {
     "darkzurich": "Dark Zurich (rgb_anon/ and gt/); train pairs from --pair-list",
     "nighttimedriving": "Nighttime Driving test (NighttimeDrivingTest/ folder)",
     "bdd100k-night": "BDD100k-night: the 87 images of --night-list from the bdd100k/ folder",
-    "robotcar": "RobotCar segmentation (segmented_images/{training,validation,testing}/{imgs,annos})",
+    "robotcar": "RobotCar segmentation (segmented_images/{training,validation,testing}/{imgs,annos}) and "
+    "the unlabelled pairs of correspondence_data/*.mat (split pairs; needs h5py)",
+    "megadepth": "MegaDepth: train/val pairs from the D2-Net scene_info (--train-scenes, --val-scenes) and "
+    "the 1600 test pairs (Test/test1600Pairs.csv)",
+    "robotcar-matching": "RobotCar matching test: test6511.csv and images/",
 }
 REFIGN_OPTIONS = {"darkzurich": ("pair_list",), "bdd100k-night": ("night_list",)}
 
@@ -44,7 +53,7 @@ def _add_refign_parsers(sub) -> None:
         p.add_argument("--out", required=True, help="output folder (one subfolder per split)")
         p.add_argument(
             "--splits",
-            default=",".join(refign_sources.DEFAULT_SPLITS[name]),
+            default=",".join({**refign_sources.DEFAULT_SPLITS, **refign_matching.DEFAULT_SPLITS}[name]),
             help="comma-separated (default: %(default)s)",
         )
         p.add_argument(
@@ -67,6 +76,19 @@ def _add_refign_parsers(sub) -> None:
                 "--night-list",
                 required=True,
                 help="your copy of refign's data_modules/datasets/lists/images_trainval_night_correct_filenames.txt",
+            )
+        if name == "megadepth":
+            for split, file in (
+                ("train", "train_scenes_MegaDepth.txt"),
+                ("val", "validation_scenes_MegaDepth.txt"),
+            ):
+                p.add_argument(
+                    f"--{split}-scenes", help=f"your copy of refign's data_modules/datasets/lists/{file}"
+                )
+            p.add_argument(
+                "--skip-missing-scenes",
+                action="store_true",
+                help="skip listed scenes without scene_info (as refign)",
             )
 
 
@@ -99,6 +121,21 @@ def main(argv=None) -> None:
             args.src,
             args.out,
             splits,
+            workers=args.workers,
+            shard_size_mb=args.shard_size_mb,
+            progress=not args.no_progress,
+        )
+    elif args.dataset in refign_matching.LISTERS:
+        results = refign_matching.prepare_matching(
+            args.dataset,
+            args.src,
+            args.out,
+            splits,
+            scene_lists={
+                "train": getattr(args, "train_scenes", None),
+                "val": getattr(args, "val_scenes", None),
+            },
+            skip_missing_scenes=getattr(args, "skip_missing_scenes", False),
             workers=args.workers,
             shard_size_mb=args.shard_size_mb,
             progress=not args.no_progress,
