@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from .ade20k import ordered_map
+from .archives import dataset_root, source_description
 from .records import write_split
 from .refign_sources import _check_count, _dir, _need, _rel
 from .sources import DataError
@@ -183,7 +184,7 @@ def _convert(pair: MatchPair) -> tuple:
 
 def prepare_matching(
     kind: str,
-    src: str | Path,
+    src: str | Path | Sequence[str | Path],
     out: str | Path,
     splits: Iterable[str] | None = None,
     *,
@@ -194,10 +195,27 @@ def prepare_matching(
     progress: bool = True,
 ) -> dict[str, dict]:
     """Writes OUT/<split>/ (records with image, reference and matches; manifest.json) for each split of
-    `kind` (megadepth | robotcar-matching) at SRC; every split is listed and checked first."""
-    root = Path(src).resolve()
-    if not root.is_dir():
-        raise DataError(f"{kind}: --src {root} is not a folder")
+    `kind` (megadepth | robotcar-matching) at SRC (the folder or zip archives); every split is listed and
+    checked first."""
+    with dataset_root(kind, src, out, progress) as root:
+        source = source_description(src)
+        return _prepare(
+            kind,
+            root,
+            source,
+            out,
+            splits,
+            scene_lists,
+            skip_missing_scenes,
+            workers,
+            shard_size_mb,
+            progress,
+        )
+
+
+def _prepare(
+    kind, root, source, out, splits, scene_lists, skip_missing_scenes, workers, shard_size_mb, progress
+):
     splits = list(splits or DEFAULT_SPLITS[kind])
     listed: dict[str, Sequence[MatchPair]] = {}
     for split in splits:
@@ -218,9 +236,7 @@ def prepare_matching(
              "matches": len(p.matches)}
             for p in pairs
         ]  # fmt: skip
-        manifest = json.dumps(
-            {"dataset": kind, "split": split, "root": str(root), "examples": rows}, indent=0
-        )
+        manifest = json.dumps({"dataset": kind, "split": split, "source": source, "examples": rows}, indent=0)
         results[split] = write_split(
             out,
             split,
@@ -236,7 +252,7 @@ def prepare_matching(
                 "label_encoding": "none (matching pairs: image = target, reference = source, matches = x_ref, "
                 "y_ref, x, y)",
                 "paired": True,
-                "source": str(root),
+                "source": source,
             },
             progress=progress,
             extra_files={"manifest.json": manifest.encode()},

@@ -42,6 +42,7 @@ import numpy as np
 from PIL import Image
 
 from .ade20k import ordered_map
+from .archives import dataset_root, source_description
 from .records import write_split
 from .sources import DataError
 from .transforms import decode_image
@@ -565,8 +566,8 @@ def convert(ex: PairedExample, num_classes: int) -> tuple[tuple, dict[int, int] 
     return (ex.name, image, label, reference), stats
 
 
-def manifest(kind: str, split: str, root: Path, examples: Sequence[PairedExample]) -> bytes:
-    """manifest.json: the examples in record order, paths relative to the dataset root."""
+def manifest(kind: str, split: str, root: Path, examples: Sequence[PairedExample], source: str) -> bytes:
+    """manifest.json: the examples in record order, paths relative to the dataset root (in `source`)."""
 
     def rel(p: Path | None) -> str | None:
         return None if p is None else _rel(p, root)
@@ -576,13 +577,13 @@ def manifest(kind: str, split: str, root: Path, examples: Sequence[PairedExample
         for e in examples
     ]
     return json.dumps(
-        {"dataset": kind, "split": split, "root": str(root), "examples": rows}, indent=0
+        {"dataset": kind, "split": split, "source": source, "examples": rows}, indent=0
     ).encode()
 
 
 def prepare(
     kind: str,
-    src: str | Path,
+    src: str | Path | Sequence[str | Path],
     out: str | Path,
     splits: Iterable[str] | None = None,
     *,
@@ -593,11 +594,18 @@ def prepare(
     **options,
 ) -> dict[str, dict]:
     """Writes OUT/<split>/ (records, records.json, manifest.json; Cityscapes train also the rare-class
-    statistics) for each split of dataset `kind` at SRC; every split is listed and checked before anything
-    is written. Returns the metadata per split."""
-    root = Path(src).resolve()
-    if not root.is_dir():
-        raise DataError(f"{kind}: --src {root} is not a folder (expected the extracted dataset)")
+    statistics) for each split of dataset `kind` at SRC (the extracted folder or the zip archives); every
+    split is listed and checked before anything is written. Returns the metadata per split."""
+    with dataset_root(kind, src, out, progress) as root:
+        source = source_description(src)
+        return _prepare(
+            kind, root, source, out, splits, num_classes, workers, shard_size_mb, progress, options
+        )
+
+
+def _prepare(
+    kind, root, source, out, splits, num_classes, workers, shard_size_mb, progress, options
+) -> dict[str, dict]:
     splits = list(splits or DEFAULT_SPLITS[kind])
     listed = {split: LISTERS[kind](root, split, **options) for split in splits}
     results = {}
@@ -615,7 +623,7 @@ def prepare(
                 yield record
 
         def extra(split=split, examples=examples, stats=stats):
-            files = {"manifest.json": manifest(kind, split, root, examples)}
+            files = {"manifest.json": manifest(kind, split, root, examples, source)}
             if kind == "cityscapes" and split == "train":
                 files.update(rcs_files([e.name for e in examples], stats))
             return files
@@ -634,7 +642,7 @@ def prepare(
                 "ignore_label": IGNORE,
                 "label_encoding": "train ids (Cityscapes), 255 = ignore",
                 "paired": any(e.reference is not None for e in examples),
-                "source": str(root),
+                "source": source,
             },
             progress=progress,
             extra_files=extra,

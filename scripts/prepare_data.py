@@ -49,7 +49,11 @@ REFIGN_OPTIONS = {"darkzurich": ("pair_list",), "bdd100k-night": ("night_list",)
 def _add_refign_parsers(sub) -> None:
     for name, help_text in REFIGN_HELP.items():
         p = sub.add_parser(name, help=help_text)
-        p.add_argument("--src", required=True, help="the extracted dataset folder")
+        p.add_argument(
+            "--src",
+            required=True,
+            help="the extracted dataset folder, a downloaded .zip, or a folder of the .zip files",
+        )
         p.add_argument("--out", required=True, help="output folder (one subfolder per split)")
         p.add_argument(
             "--splits",

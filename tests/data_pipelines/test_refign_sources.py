@@ -5,6 +5,7 @@ import importlib.util
 import io
 import json
 import re
+import zipfile
 
 import numpy as np
 import pytest
@@ -292,3 +293,22 @@ def test_prepare_data_names_the_missing_file(tmp_path, small_counts, dataset, re
     )
     assert re.search(rf"{re.escape(missing.name)} is missing.*expected {count}", error), error
     assert not (tmp_path / "out2").exists()  # every split is checked before anything is written
+
+
+def test_prepare_from_the_downloaded_archives(tmp_path, small_counts, repo):
+    """Cityscapes as downloaded: leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip in one folder."""
+    extracted, downloads = tmp_path / "extracted", tmp_path / "downloads"
+    make_cityscapes(extracted)
+    downloads.mkdir()
+    for top in ("leftImg8bit", "gtFine"):
+        with zipfile.ZipFile(downloads / f"{top}_trainvaltest.zip", "w") as z:
+            z.writestr("license.txt", "cityscapes license")
+            for f in sorted((extracted / top).rglob("*.png")):
+                z.write(f, f.relative_to(extracted).as_posix())
+    out = tmp_path / "out"
+    load_prepare_data(repo).main(["cityscapes", "--src", str(downloads), "--out", str(out), "--no-progress"])
+    assert sorted(p.name for p in out.iterdir()) == ["train", "val"]  # the staging folder is gone
+    rows = json.loads((out / "train" / "manifest.json").read_text())["examples"]
+    assert [r["name"] for r in rows] == [e.name for e in rs.cityscapes(extracted, "train")]
+    val_image = extracted / "leftImg8bit/val/frankfurt/frankfurt_000000_000001_leftImg8bit.png"
+    assert RecordSource(out / "val")[0]["image"] == val_image.read_bytes()
