@@ -12,7 +12,9 @@ torch threads, ours the faster of one device and a mesh over every device (on a 
     python benchmarks/degradation.py --batch 16 --size 512 --repeats 3
 
 Prints a table and, last, one JSON line: {"ratio": median over the back-to-back pairs of the reference's
-time over ours (= ours images/s over the reference's), ...}. The machine this was written on is shared
+time over ours (= ours images/s over the reference's), ...}; its "roofline" entries give each side's median
+batch time with the fewest bytes a degradation must move (the float32 batch read once and written once), a
+floor far under what the three blurs, resizes and JPEG round trips move. The machine this was written on is shared
 and its speed drifts by several times within minutes, hence the pairing.
 """
 
@@ -136,6 +138,14 @@ def main() -> None:
         "devices": n_devices,
         "torch_device": torch_device,
         "torch_threads": torch_threads,
+        "roofline": [
+            {
+                "name": f"{side} ({args.batch} x {args.size}^2, float32 in + out)",
+                "ms": 1e3 * statistics.median(t),
+            }
+            | {"bytes": 2 * images.nbytes}
+            for side, t in times.items()
+        ],
     }
     print(json.dumps(result))
 

@@ -9,7 +9,10 @@ speed, so they are not timed); and PyTorch: the original CUDA op (`MultiScaleDef
 when it is importable on a CUDA machine, else the pure-PyTorch grid_sample path
 (`ms_deform_attn_core_pytorch`) on the same device kind. Each time is the median of --iters runs after
 one warm-up (which includes compilation). The last line printed is a JSON object with every time (ms)
-and the ratios; nothing is hard-coded.
+and the ratios; nothing is hard-coded. Its "roofline" list gives, per timing, the fewest bytes the op must
+move (each input read once, each output written once) and its arithmetic (bilinear sampling and the
+attention weight: 5 FMAs per sample and channel forward, 17 more backward); benchmarks/gpu_suite.py turns
+them into achieved bandwidth and FLOP/s against the device's peaks. `--cases small` is the CPU smoke shape.
 """
 
 from __future__ import annotations
@@ -43,7 +46,11 @@ CASES = {
     "deformable_detr": dict(
         batch=2, heads=8, head_dim=32, points=4, shapes=((100, 134), (50, 67), (25, 34), (13, 17))
     ),
+    # The smallest shape, for benchmarks/gpu_suite.py --cpu-smoke (not in the default list).
+    "small": dict(batch=1, heads=2, head_dim=8, points=2, shapes=((8, 8), (4, 4))),
 }
+FULL_CASES = ("mask2former_ade20k", "deformable_detr")
+FLOPS_PER_SAMPLE_CHANNEL = {"fwd": 2 * 5, "fwd_bwd": 2 * (5 + 17)}
 KERNEL_BY_BACKEND = {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}
 
 
@@ -59,6 +66,29 @@ def _inputs(case: dict, seed: int = 0):
     attn = attn.reshape(b, s, heads, levels, p).astype(np.float32)
     grad = rng.normal(size=(b, s, heads * d)).astype(np.float32)
     return value, loc, attn, grad
+
+
+def cost(case: dict, itemsize: int) -> dict:
+    """Fewest bytes moved and arithmetic per phase (module docstring)."""
+    b, heads, d, p, levels = (
+        case["batch"],
+        case["heads"],
+        case["head_dim"],
+        case["points"],
+        len(case["shapes"]),
+    )
+    s = sum(h * w for h, w in case["shapes"])  # queries = values here
+    value = out = b * s * heads * d
+    samples = b * s * heads * levels * p
+    fwd = value + 3 * samples + out  # value, locations (2 per sample), weights; the output
+    return {
+        "fwd": {"bytes": itemsize * fwd, "flops": samples * d * FLOPS_PER_SAMPLE_CHANNEL["fwd"]},
+        # + the output gradient read (out's size), the three input gradients written (the inputs' sizes)
+        "fwd_bwd": {
+            "bytes": itemsize * 2 * fwd,
+            "flops": samples * d * FLOPS_PER_SAMPLE_CHANNEL["fwd_bwd"],
+        },
+    }
 
 
 def _median_ms(run, sync, iters: int) -> float:
@@ -163,7 +193,7 @@ def time_torch(case: dict, arrays, iters: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--cases", default=",".join(CASES), help="comma-separated subset of " + ", ".join(CASES)
+        "--cases", default=",".join(FULL_CASES), help="comma-separated subset of " + ", ".join(CASES)
     )
     parser.add_argument(
         "--iters", type=int, default=None, help="timed runs per measurement (10 on accelerators, 3 on CPU)"
@@ -188,6 +218,7 @@ def main() -> None:
         "cpu_count": os.cpu_count(),
         "loadavg_1m_start": os.getloadavg()[0],
         "cases": {},
+        "roofline": [],
     }
     if kernel is None:
         report["note"] = (
@@ -223,6 +254,14 @@ def main() -> None:
                     )
         entry["ratios"] = ratios
         report["cases"][name] = entry
+        costs = cost(case, dtype.itemsize)
+        for impl in ("reference", kernel, "torch"):
+            for phase in ("fwd", "fwd_bwd") if impl in entry else ():
+                label = entry["torch"]["path"] if impl == "torch" else impl
+                report["roofline"].append(
+                    {"name": f"{name} {label} {phase}", "ms": entry[impl][f"{phase}_ms"], "dtype": args.dtype}
+                    | costs[phase]
+                )
     report["loadavg_1m_end"] = os.getloadavg()[0]
     print(json.dumps(report))
 
