@@ -271,6 +271,20 @@ def ensure_dataset(root: str | Path, **spec) -> Path:
     return root
 
 
+def sources(root: str | Path, split: str = "train"):
+    """(source, target) of a written dataset for the paired pipelines: the labelled Cityscapes-layout scenes
+    and the ACDC-layout targets with references (labels too), as refign_sources.PairedSource."""
+    from .refign_sources import paired_source
+
+    root = Path(root)
+    conditions = tuple(c for c in CONDITIONS if (root / "acdc" / "rgb_anon" / c / split).is_dir())
+    kw = {"num_classes": NUM_CLASSES, "check_counts": False}
+    return (
+        paired_source("cityscapes", root / "cityscapes", split, **kw),
+        paired_source("acdc", root / "acdc", split, conditions=conditions, **kw),
+    )
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="Write the synthetic paired adverse-condition dataset.")
     parser.add_argument("root")

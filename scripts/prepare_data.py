@@ -43,7 +43,7 @@ REFIGN_HELP = {
     "the 1600 test pairs (Test/test1600Pairs.csv)",
     "robotcar-matching": "RobotCar matching test: test6511.csv and images/",
 }
-REFIGN_OPTIONS = {"darkzurich": ("pair_list",), "bdd100k-night": ("night_list",)}
+REFIGN_OPTIONS = {"darkzurich": ("pair_list",), "bdd100k-night": ("night_list",), "acdc": ("conditions",)}
 
 
 def _add_refign_parsers(sub) -> None:
@@ -70,6 +70,20 @@ def _add_refign_parsers(sub) -> None:
             "--shard-size-mb", type=float, default=512, help="target shard size (default: %(default)s)"
         )
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
+        if name in refign_sources.LISTERS:
+            p.add_argument(
+                "--no-count-check",
+                dest="check_counts",
+                action="store_false",
+                help="accept a dataset whose split sizes differ from the published ones (e.g. the synthetic one)",
+            )
+        if name == "acdc":
+            p.add_argument(
+                "--conditions",
+                type=lambda v: tuple(c for c in v.split(",") if c),
+                default=tuple(refign_sources.ACDC_PER_CONDITION),
+                help="comma-separated, each checked against its own counts (default: fog,night,rain,snow)",
+            )
         if name == "darkzurich":
             p.add_argument(
                 "--pair-list",
@@ -153,6 +167,7 @@ def main(argv=None) -> None:
             workers=args.workers,
             shard_size_mb=args.shard_size_mb,
             progress=not args.no_progress,
+            check_counts=args.check_counts,
             **{k: getattr(args, k) for k in REFIGN_OPTIONS.get(args.dataset, ())},
         )
     for split, meta in results.items():

@@ -20,13 +20,7 @@ def tiny_root(tmp_path_factory):
 
 
 def sources(root):
-    src = refign_sources.paired_source(
-        "cityscapes", root / "cityscapes", "train", num_classes=10, check_counts=False
-    )
-    trg = refign_sources.paired_source(
-        "acdc", root / "acdc", "train", num_classes=10, conditions=("night", "fog"), check_counts=False
-    )
-    return src, trg
+    return synthetic_adverse.sources(root, "train")
 
 
 def test_one_crop_and_flip_for_image_reference_and_label():

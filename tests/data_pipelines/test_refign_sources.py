@@ -312,3 +312,14 @@ def test_prepare_from_the_downloaded_archives(tmp_path, small_counts, repo):
     assert [r["name"] for r in rows] == [e.name for e in rs.cityscapes(extracted, "train")]
     val_image = extracted / "leftImg8bit/val/frankfurt/frankfurt_000000_000001_leftImg8bit.png"
     assert RecordSource(out / "val")[0]["image"] == val_image.read_bytes()
+
+
+def test_prepare_acdc_conditions_and_count_check_switch(tmp_path, repo, capsys):
+    make_acdc(tmp_path / "ACDC")  # fog and night only: the full-dataset counts do not hold
+    main = load_prepare_data(repo).main
+    argv = ["acdc", "--src", str(tmp_path / "ACDC"), "--out", str(tmp_path / "out"), "--no-progress"]
+    assert "rgb_anon/rain/train does not exist" in main_error(main, argv, capsys)
+    error = main_error(main, [*argv, "--conditions", "fog,night"], capsys)
+    assert "found 3 examples" in error and "expected 800" in error  # 400 + 400 train images
+    main([*argv, "--conditions", "fog", "--no-count-check", "--splits", "val"])
+    assert RecordSource(tmp_path / "out" / "val").metadata["count"] == 1
