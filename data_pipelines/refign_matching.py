@@ -1,7 +1,8 @@
 """Matching datasets of UAWarpC (refign.md 3.8, 3.10, 10): MegaDepth training/validation pairs from the D2-Net
 preprocessing, the MegaDepth 1600-pair test set and the RobotCar 6511-pair test set, listed once into
 pairs with their pixel correspondences and prepared into records (image = target, reference = source,
-matches = (n, 4) float32 x_ref, y_ref, x, y).
+matches = (n, 4) float32 x_ref, y_ref, x, y); MatchDecode turns a record back into arrays, resized as
+refign loads them.
 
 Layouts:
     megadepth train/val  ROOT/scene_info/<scene>.0.npz (the pre-made D2-Net download) or <scene>.npz (what
@@ -25,6 +26,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from .ade20k import ordered_map
 from .archives import dataset_root, source_description
@@ -57,6 +59,30 @@ def encode_matches(matches: np.ndarray) -> bytes:
 def decode_matches(data: bytes) -> np.ndarray:
     """A record's "matches" bytes -> (n, 4) float32 (x_ref, y_ref, x, y) in pixels of the stored images."""
     return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class MatchDecode:
+    """Record -> {"image" (h, w, 3) uint8 target, "reference" (h, w, 3) uint8 source, "matches" (n, 4)
+    float32 x_ref, y_ref, x, y, "name"}; with `size` (h, w) both images are resized to it with PIL lanczos
+    (aspect not kept) and the points scaled by size / original size per axis, as refign's MegaDepth and
+    RobotCar-matching loaders do."""
+
+    size: tuple[int, int] | None = None
+
+    def __call__(self, record: dict) -> dict:
+        name = record["name"]
+        image = decode_image(record["image"], name)  # (h, w, 3)
+        ref = decode_image(record["reference"], f"reference of {name}")  # (h', w', 3)
+        matches = decode_matches(record["matches"]).copy()  # (n, 4)
+        if self.size is not None:
+            h, w = self.size
+            for arr, (x, y) in ((ref, (0, 1)), (image, (2, 3))):
+                matches[:, x] *= w / arr.shape[1]
+                matches[:, y] *= h / arr.shape[0]
+            image = np.asarray(Image.fromarray(image).resize((w, h), Image.LANCZOS))
+            ref = np.asarray(Image.fromarray(ref).resize((w, h), Image.LANCZOS))
+        return {"image": image, "reference": ref, "matches": matches, "name": name}
 
 
 def scene_info_path(root: Path, scene: str) -> Path | None:

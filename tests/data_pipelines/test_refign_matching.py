@@ -200,3 +200,30 @@ def test_matching_test_csv_and_prepare_with_a_missing_file(tmp_path, monkeypatch
     argv = [kind, "--src", str(root), "--out", str(tmp_path / "o2"), "--splits", "test", "--no-progress"]
     error = main_error(main, argv, capsys)
     assert re.search(rf"{re.escape(rows[1][2])} is missing.*expected 2", error), error
+
+
+def test_match_decode_resizes_and_scales_points():
+    def png(h, w, seed):
+        buf = io.BytesIO()
+        Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)).save(
+            buf, "PNG"
+        )
+        return buf.getvalue()
+
+    matches = np.float32([[10, 20, 30, 40], [0, 0, 99.5, 49.5]])
+    record = {
+        "name": "p",
+        "image": png(50, 100, 0),
+        "reference": png(40, 20, 1),
+        "matches": rm.encode_matches(matches),
+    }
+    out = rm.MatchDecode((75, 75))(record)
+    assert out["image"].shape == out["reference"].shape == (75, 75, 3)
+    # refign: x *= dims[1] / w, y *= dims[0] / h, per image (reference 20x40 -> 75x75, target 100x50 -> 75x75)
+    want = np.float32(
+        [[10 * 75 / 20, 20 * 75 / 40, 30 * 75 / 100, 40 * 75 / 50], [0, 0, 99.5 * 0.75, 49.5 * 1.5]]
+    )
+    np.testing.assert_allclose(out["matches"], want, rtol=1e-6)
+    plain = rm.MatchDecode()(record)
+    np.testing.assert_array_equal(plain["matches"], matches)
+    assert plain["reference"].shape == (40, 20, 3)
