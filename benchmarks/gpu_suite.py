@@ -60,6 +60,8 @@ NOMINAL_PEAKS = {
     "H200": {"tb_per_s": 4.3, "bf16_tflops": 790.0, "fp32_tflops": 67.0},
     "H100": {"tb_per_s": 3.0, "bf16_tflops": 790.0, "fp32_tflops": 67.0},
 }
+PACKAGE_FILES = ("setup.py", "pyproject.toml", "requirements.txt", "README.md", "lqseg_jax", "kernels")
+PACKAGE_FILES += ("data_pipelines",)
 MSDA_BUILD_S = 60  # the issue: the original CUDA op only if it builds within a minute
 
 
@@ -191,10 +193,15 @@ def install(work: Path, log) -> dict:
             done = _pip(["--target", str(work / f"site_{group}"), *files], log)
             if done.returncode:
                 raise SystemExit(f"gpu_suite: FAILED: installing the carried {group} wheels: {_last(done)}")
-    build = work / "build_repo"
-    shutil.copytree(
-        REPO, build, ignore=shutil.ignore_patterns(".git", ".venv*", "gpu_suite_*", "data", "runs")
-    )
+    build = (
+        work / "build_repo"
+    )  # what setup.py packages, copied so that the build leaves the checkout as it is
+    build.mkdir()
+    for name in PACKAGE_FILES:
+        if (REPO / name).is_dir():
+            shutil.copytree(REPO / name, build / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(REPO / name, build / name)
     done = _pip(["--no-build-isolation", "--target", str(work / "site_repo"), str(build)], log)
     if done.returncode:
         raise SystemExit(f"gpu_suite: FAILED: installing this repository (pip --target): {_last(done)}")
@@ -438,7 +445,9 @@ def markdown(report: dict) -> str:
     lines = [
         f"## {title}: {env.get('device_kind', '?')} ({report['date']})",
         "",
-        f"- Command: `{report['command']}` ({report['wall_s']:.0f} s in all, deadline {report['deadline_s']} s).",
+        f"- Command: `{report['command']}` ({report['wall_s']:.0f} s in all, deadline {report['deadline_s']:.0f} s; "
+        + ", ".join(f"{k} {v} s" for k, v in report.get("phases_s", {}).items())
+        + ").",
         f"- Device: {env.get('device_kind', '?')}; nvidia-smi: {env.get('nvidia_smi') or 'n/a'}; "
         f"torch sees {env.get('torch_device', '?')} (CUDA {env.get('torch_cuda_version')}).",
         "- Versions: " + ", ".join(f"{k} {v}" for k, v in env.get("versions", {}).items()) + ".",
@@ -454,7 +463,11 @@ def markdown(report: dict) -> str:
         )
     if "nominal" in peaks:
         lines.append(f"- Nominal ceilings: {peaks['nominal']}.")
-    lines += ["", "| benchmark | status | wall s | ratios | times and rates |", "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "| benchmark | status | wall s (cpu s) | ratios | times and rates |",
+        "|---|---|---|---|---|",
+    ]
     for name, e in report["benchmarks"].items():
         nums = _numbers(e.get("result") or {})
         ratios = "<br>".join(f"{k} {v:.3g}" for k, v in nums if RATIO.search(k))
@@ -462,7 +475,8 @@ def markdown(report: dict) -> str:
         status = e["status"] + ("" if e.get("result_complete", True) else ", partial result")
         if e.get("last_line"):
             status += f": `{e['last_line'][:120]}`"
-        lines.append(f"| {name} | {status} | {e.get('wall_s', '')} | {ratios} | {times} |")
+        wall = f"{e['wall_s']} ({e['cpu_s']})" if "wall_s" in e else ""
+        lines.append(f"| {name} | {status} | {wall} | {ratios} | {times} |")
     if report["roofline"]:
         labels = list(peaks)
         head = " | ".join(f"of {lb} peak (bw / flops)" for lb in labels)
@@ -544,7 +558,9 @@ def main(argv=None) -> int:
     }
     work = Path(tempfile.mkdtemp(prefix="gpu_suite_"))
     try:
+        phase = time.perf_counter()
         report["install"] = install(work, log)
+        report["phases_s"] = {"install": round(time.perf_counter() - phase, 1)}
         say(f"installed {len(report['install']['wheels'])} carried wheels and this repository in {work}")
         env = dict(os.environ, PYTHONUNBUFFERED="1", XLA_PYTHON_CLIENT_PREALLOCATE="false")
         if args.cpu_smoke:
@@ -552,6 +568,7 @@ def main(argv=None) -> int:
             env["CUDA_VISIBLE_DEVICES"] = ""
         base_path = [str(work / "site_absent"), str(work / "site_repo"), env.get("PYTHONPATH", "")]
         env["PYTHONPATH"] = os.pathsep.join([str(work / "site_lock"), *base_path])
+        phase = time.perf_counter()
         info, why = probe(env)
         report["install"]["mode"] = "the lock's flax/optax/orbax (carried)"
         if info is None and (work / "site_lock").exists():
@@ -561,6 +578,7 @@ def main(argv=None) -> int:
             report["install"]["mode"] = f"the image's flax/optax/orbax (the lock's failed: {why})"
         if info is None:
             raise SystemExit(f"gpu_suite: FAILED: the environment probe (jax, flax, torch, lqseg_jax): {why}")
+        report["phases_s"]["probe"] = round(time.perf_counter() - phase, 1)
         info["nvidia_smi"] = nvidia_smi()
         report["environment"] = info
         report["lock_mismatch"] = ", ".join(
@@ -578,12 +596,14 @@ def main(argv=None) -> int:
                 f"{info['backend']}); this machine reaches no index to install jax[cuda13]: use an image whose "
                 "jax has its CUDA plugin, or --cpu-smoke"
             )
+        phase = time.perf_counter()
         report["msda_op"], msda_lib = build_msda(work, env, log)
+        report["phases_s"]["msda_build"] = round(time.perf_counter() - phase, 1)
         if msda_lib is not None:
             env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], str(msda_lib)])
         say(f"MSDA CUDA op: {report['msda_op']}")
 
-        peaks = {}
+        peaks, phase = {}, time.perf_counter()
         cmd = [sys.executable, __file__, "--measure-peaks", *(["--small"] if args.cpu_smoke else [])]
         try:
             measured = last_json(run_limited(cmd, env, 60).stdout)
@@ -595,6 +615,7 @@ def main(argv=None) -> int:
         if nominal:
             peaks["nominal"] = nominal
         report["peaks"] = peaks
+        report["phases_s"]["ceilings"] = round(time.perf_counter() - phase, 1)
         say(f"ceilings: {json.dumps(peaks)}")
 
         wanted = args.only.split(",") if args.only else [b.name for b in BENCHMARKS]
