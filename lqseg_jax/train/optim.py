@@ -44,6 +44,24 @@ def warmup_poly_schedule(
     return schedule
 
 
+def warmup_linear_schedule(
+    base_lr: float, total_steps: int, *, warmup_steps: int, warmup_ratio: float = 1e-6
+) -> optax.Schedule:
+    """refign's schedule (helpers/lr_scheduler.py): lr(t) = base (1 - (1 - t/W)(1 - warmup_ratio)) for
+    t < W, then base (1 - (t - W)/(T - W)), reaching 0 at T (the decay runs over the steps after warmup)."""
+
+    def schedule(step):
+        t = jnp.asarray(step, jnp.float32)
+        # 1 - (t - W)/(T - W) written as (T - t)/(T - W): exact in float32 near T
+        decay = base_lr * jnp.clip((total_steps - t) / max(total_steps - warmup_steps, 1), 0.0, 1.0)
+        if warmup_steps <= 0:
+            return decay
+        warm = base_lr * (warmup_ratio + (1.0 - warmup_ratio) * t / warmup_steps)
+        return jnp.where(t < warmup_steps, warm, decay)
+
+    return schedule
+
+
 def _by_rules(params: Any, rules, default, fn=None) -> Any:
     """A tree like `params` holding, per leaf, the value of the first (regex, value) rule matching its path."""
 
@@ -83,14 +101,22 @@ def build_optimizer(
     if cfg.name != "adamw":
         raise ValueError(f"optimizer.name must be 'adamw', got {cfg.name!r}")
     s = cfg.schedule
-    schedule = warmup_poly_schedule(
-        cfg.lr,
-        total_steps,
-        warmup_steps=s.warmup_steps,
-        warmup_ratio=s.warmup_ratio,
-        power=s.power,
-        end_lr=s.end_lr,
-    )
+    kind = s.get("kind", "poly")
+    if kind == "warmup_linear":
+        schedule = warmup_linear_schedule(
+            cfg.lr, total_steps, warmup_steps=s.warmup_steps, warmup_ratio=s.warmup_ratio
+        )
+    elif kind == "poly":
+        schedule = warmup_poly_schedule(
+            cfg.lr,
+            total_steps,
+            warmup_steps=s.warmup_steps,
+            warmup_ratio=s.warmup_ratio,
+            power=s.power,
+            end_lr=s.end_lr,
+        )
+    else:
+        raise ValueError(f"optimizer.schedule.kind must be 'poly' or 'warmup_linear', got {kind!r}")
     parts = []
     if cfg.clip_norm:
         parts.append(optax.clip_by_global_norm(cfg.clip_norm))
