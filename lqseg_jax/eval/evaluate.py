@@ -144,20 +144,35 @@ def evaluate(
     return summary
 
 
-def restore_workdir(config, workdir: str | Path):
-    """(trainer, state) of WORKDIR's latest checkpoint, after checking that it fits `config`."""
-    from ..train.checkpoint import Checkpointer
+def restore_workdir(config, workdir: str | Path, step: int | None = None):
+    """(trainer, state) of WORKDIR's checkpoint `step` (default: the latest), after checking that it fits
+    `config` and is intact; a damaged one is an error naming it and the other saved steps."""
+    from ..train.checkpoint import Checkpointer, DamagedCheckpointError
     from ..train.trainer import Trainer
 
-    ensure_data(config)
-    trainer = Trainer(config)
-    ckpt = Checkpointer(workdir, async_save=False)
-    step = ckpt.latest_step()
-    if step is None:
+    if not Path(workdir).is_dir():
+        raise FileNotFoundError(f"workdir {Path(workdir).absolute()} does not exist")
+    ckpt = Checkpointer(workdir, async_save=False, read_only=True)
+    steps = ckpt.all_steps()
+    if not steps:
         raise FileNotFoundError(f"no checkpoint in {ckpt.directory} (train first with scripts/train.py)")
-    ckpt.check_config(step, config)
-    state, _ = ckpt.restore(step, trainer.abstract_state)
-    ckpt.close()
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise FileNotFoundError(
+            f"--step {step}: no checkpoint {ckpt.step_dir(step)} (saved steps: {', '.join(map(str, steps))})"
+        )
+    try:
+        ckpt.check_config(step, config)
+        ensure_data(config)
+        trainer = Trainer(config)
+        state, _ = ckpt.restore(step, trainer.abstract_state)
+    except DamagedCheckpointError as e:
+        others = [s for s in steps if s != step]
+        hint = f"; evaluate another with --step N (saved: {', '.join(map(str, others))})" if others else ""
+        raise DamagedCheckpointError(f"{e}{hint}") from e
+    finally:
+        ckpt.close()
     return trainer, state
 
 
@@ -175,7 +190,8 @@ def load_converted_state(config, path: str | Path):
     return trainer, trainer.init_state()
 
 
-def evaluate_workdir(config, workdir: str | Path, *, progress: bool = True) -> dict:
-    """Restores WORKDIR's latest checkpoint (checking it fits `config`) and evaluates it into WORKDIR/eval."""
-    trainer, state = restore_workdir(config, workdir)
+def evaluate_workdir(config, workdir: str | Path, *, progress: bool = True, step: int | None = None) -> dict:
+    """Restores WORKDIR's checkpoint `step` (default: the latest; checking it fits `config` and is intact)
+    and evaluates it into WORKDIR/eval."""
+    trainer, state = restore_workdir(config, workdir, step)
     return evaluate(trainer, state, Path(workdir) / "eval", progress=progress)

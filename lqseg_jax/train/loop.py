@@ -1,15 +1,17 @@
 """The one training loop: data -> jitted sharded step -> metrics, checkpoints, resume, evaluation.
 
-`train(config, workdir)` resumes from the workdir's latest checkpoint when there is one (after checking
-that it was written for the same model config), saves every `checkpoint.every` steps, at the end, at
-`stop_at_step` and on SIGTERM / Ctrl-C, and logs metrics to a progress bar, WORKDIR/metrics.jsonl and
-TensorBoard summaries in WORKDIR/tb.
+`train(config, workdir)` holds the workdir (one run at a time), resumes from its newest intact checkpoint
+when there is one (after checking that it was written with the same model, optimizer, EMA and schedule
+config), saves every `checkpoint.every` steps, at the end, at `stop_at_step` and on SIGTERM / Ctrl-C, and
+logs metrics to a progress bar, WORKDIR/metrics.jsonl (cut back to the resumed step, so each step appears
+once) and TensorBoard summaries in WORKDIR/tb.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import time
 from pathlib import Path
@@ -32,6 +34,7 @@ from ..data_pipelines.transforms import TrainAugment
 from ..eval.evaluate import evaluate
 from .checkpoint import Checkpointer
 from .trainer import Trainer
+from .workdir_lock import WorkdirLock
 
 log = logging.getLogger(__name__)
 
@@ -65,15 +68,37 @@ class StopRequest:
         return bool(np.any(multihost_utils.process_allgather(np.array(self.requested))))
 
 
-class MetricWriter:
-    """Scalars to WORKDIR/metrics.jsonl and TensorBoard (process 0 only)."""
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drops the lines of `path` (metrics.jsonl) logged after `step`, the step a run resumes from, so
+    that each step appears once; rewrites the file atomically."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by a killed run
+    if kept != lines:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
 
-    def __init__(self, workdir: Path):
+
+class MetricWriter:
+    """Scalars to WORKDIR/metrics.jsonl and TensorBoard (process 0 only); lines after `start_step` (left by
+    the run being resumed) are dropped first."""
+
+    def __init__(self, workdir: Path, start_step: int = 0):
         self.enabled = jax.process_index() == 0
         if self.enabled:
             from tensorboardX import SummaryWriter
 
-            self.jsonl = (workdir / "metrics.jsonl").open("a")
+            path = workdir / "metrics.jsonl"
+            truncate_metrics(path, start_step)
+            self.jsonl = path.open("a")
             self.tb = SummaryWriter(str(workdir / "tb"))
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
@@ -132,11 +157,19 @@ def check_finite(metrics: dict, step: int, ckpt: Checkpointer) -> None:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
-    """Trains (or resumes) the experiment in `config`; returns the last logged metrics."""
+    """Trains (or resumes) the experiment in `config`; returns the last logged metrics. Holds the workdir
+    for the run (a second run on it stops at once with WorkdirBusyError)."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    with WorkdirLock(workdir):
+        return _train(config, workdir)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: Path) -> dict:
     total = config.total_steps
     end = min(total, config.stop_at_step) if config.stop_at_step else total
+    ckpt = Checkpointer(workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+    ckpt.remove_leftover_temporaries()
     ensure_data(config)
     trainer = Trainer(config)
     data = config.data
@@ -152,25 +185,22 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
         num_workers=data.num_workers,
     )
     data_iter = iter(dataset)
-    ckpt = Checkpointer(workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
-    latest = ckpt.latest_step()
-    if latest is not None:
-        ckpt.check_config(latest, config)
-        state, iter_restored = ckpt.restore(latest, trainer.abstract_state, data_iter)
+    resumed = ckpt.restore_latest_intact(trainer.abstract_state, config, data_iter)
+    if resumed is not None:
+        step, state, iter_restored = resumed
         if not iter_restored:
             if data.num_workers:
                 raise RuntimeError(
-                    f"checkpoint {latest} holds no data iterator state for process {jax.process_index()} of "
+                    f"checkpoint {step} holds no data iterator state for process {jax.process_index()} of "
                     f"{jax.process_count()}; resume once with --config.data.num_workers=0 to re-derive it"
                 )
-            data_iter.set_state({"next_index": latest * (config.batch_size // jax.process_count())})
-            log.info("data iterator position re-derived from step %d (process layout changed)", latest)
-        step = latest
-        print(f"Resumed from step {latest} ({ckpt.directory / str(latest)})", flush=True)
+            data_iter.set_state({"next_index": step * (config.batch_size // jax.process_count())})
+            log.info("data iterator position re-derived from step %d (process layout changed)", step)
+        print(f"Resumed from step {step} ({ckpt.step_dir(step)})", flush=True)
     else:
         state = trainer.init_state()
         step = 0
-    writer = MetricWriter(workdir)
+    writer = MetricWriter(workdir, step)
     last: dict = {}
     pbar = tqdm(total=end, initial=step, desc="train", disable=jax.process_index() != 0, dynamic_ncols=True)
     t0, t0_step = time.perf_counter(), step
@@ -203,7 +233,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
                         flush=True,
                     )
                     break
-    finally:  # a pending asynchronous save completes even when the loop raises
+    finally:  # a pending asynchronous save completes (and gets its digest) even when the loop raises
         pbar.close()
         ckpt.wait()
         ckpt.close()
