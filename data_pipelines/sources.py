@@ -1,6 +1,7 @@
 """Random-access sources over on-disk datasets. A source returns encoded bytes; decoding is a transform.
 
-Each record is {"image": bytes, "label": bytes, "name": str}. Labels are decoded and mapped to train ids
+Each record is {"image": bytes, "label": bytes, "name": str} (a folder source adds the files' paths,
+"image_path" and "label_path", which errors name). Labels are decoded and mapped to train ids
 by `decode_example` with the source's `label_map` (ADE20K: label - 1, 0 -> 255; Cityscapes labelTrainIds:
 identity), so every dataset reaches the pipeline as uint8 train ids with 255 = ignore.
 """
@@ -40,10 +41,20 @@ class FolderSource:
 
     def __getitem__(self, index: int) -> dict:
         ex = self.examples[index]
+        image = ex.image_path.read_bytes()
+        if not image:
+            raise DataError(f"image {ex.image_path} is empty (0 bytes; expected an RGB JPEG or PNG)")
+        label = b""
+        if ex.label_path is not None:
+            label = ex.label_path.read_bytes()
+            if not label:
+                raise DataError(f"label {ex.label_path} is empty (0 bytes; expected a single-channel PNG)")
         return {
-            "image": ex.image_path.read_bytes(),
-            "label": ex.label_path.read_bytes() if ex.label_path is not None else b"",
+            "image": image,
+            "label": label,
             "name": ex.image_path.name,
+            "image_path": str(ex.image_path),  # for error messages (Decode)
+            "label_path": str(ex.label_path or ""),
         }
 
     def __repr__(self) -> str:

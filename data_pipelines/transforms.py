@@ -29,7 +29,8 @@ def decode_image(data: bytes, name: str) -> np.ndarray:
 
 
 def decode_label(data: bytes, name: str, label_map: str, num_classes: int) -> np.ndarray:
-    """Encoded label PNG -> (h, w) uint8 train ids; values outside 0..K-1 and 255 raise DataError."""
+    """Encoded label PNG -> (h, w) uint8 train ids; values outside 0..K-1 and 255 raise DataError naming
+    `name` and the raw values as stored in the file (and the class ids they map to)."""
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
@@ -41,11 +42,12 @@ def decode_label(data: bytes, name: str, label_map: str, num_classes: int) -> np
     if raw.max(initial=0) > 255:
         raise DataError(f"label {name} has values up to {raw.max()} (expected 8-bit class ids)")
     ids = map_labels(raw, label_map)
-    bad = np.unique(ids[(ids >= num_classes) & (ids != IGNORE)])
-    if bad.size:
+    outside = (ids >= num_classes) & (ids != IGNORE)
+    if outside.any():
+        raw_bad, bad = np.unique(raw[outside])[:10].tolist(), np.unique(ids[outside])[:10].tolist()
         raise DataError(
-            f"label {name} has class ids {bad[:10].tolist()} outside 0..{num_classes - 1} and {IGNORE} (ignore) "
-            f"after the '{label_map}' label map"
+            f"label {name} has raw values {raw_bad} (class ids {bad} after the '{label_map}' label map) outside "
+            f"0..{num_classes - 1} and {IGNORE} (ignore)"
         )
     return ids
 
@@ -59,12 +61,16 @@ class Decode:
 
     def __call__(self, record: dict) -> dict:
         name = record["name"]
-        image = decode_image(record["image"], name)
+        image_where = record.get("image_path") or name
+        image = decode_image(record["image"], image_where)
         out = {"image": image, "name": name}
         if record["label"]:
-            label = decode_label(record["label"], name, self.label_map, self.num_classes)
+            label_where = record.get("label_path") or f"of image {name}"
+            label = decode_label(record["label"], label_where, self.label_map, self.num_classes)
             if label.shape != image.shape[:2]:
-                raise DataError(f"label of {name} is {label.shape} but the image is {image.shape[:2]}")
+                raise DataError(
+                    f"label {label_where} is {label.shape} but the image {image_where} is {image.shape[:2]}"
+                )
             out["label"] = label
         return out
 

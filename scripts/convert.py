@@ -1,7 +1,8 @@
 """Converts released PyTorch checkpoints into our NNX state (saved with orbax).
 
 Each converter module in lqseg_jax/convert/ that defines `register_cli(subparsers)` adds one
-subcommand; `python scripts/convert.py --help` lists them.
+subcommand; `python scripts/convert.py --help` lists them. Errors in the inputs end in one line and exit
+code 2 (--debug before the format, or LQSEG_DEBUG=1: the traceback).
 """
 
 import argparse
@@ -9,8 +10,10 @@ import importlib
 import pkgutil
 
 import lqseg_jax.convert
+from lqseg_jax.cli import add_debug_flag, report_errors
 
 
+@report_errors
 def main(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -20,6 +23,7 @@ def main(argv=None):
         module = importlib.import_module(f"lqseg_jax.convert.{info.name}")
         if hasattr(module, "register_cli"):
             module.register_cli(sub)
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
     args.run(args)
 

@@ -14,6 +14,7 @@ import math
 import jax
 from flax import nnx
 
+from lqseg_jax.cli import add_debug_flag, report_errors
 from lqseg_jax.models.tracing import abstract_model, param_count
 from lqseg_jax.systems import get_system
 from lqseg_jax.train.config import load_config
@@ -47,6 +48,7 @@ def count(config, *, breakdown: int = 0) -> dict:
     return result
 
 
+@report_errors
 def main(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -55,6 +57,7 @@ def main(argv=None):
     parser.add_argument(
         "--breakdown", type=int, default=0, metavar="D", help="also count per submodule (depth D)"
     )
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
     print(json.dumps(count(load_config(args.config), breakdown=args.breakdown)))
 

@@ -20,11 +20,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before jax loads XLA: see 
 import jax
 from absl import logging as absl_logging
 
+from lqseg_jax.cli import add_debug_flag, report_errors
 from lqseg_jax.eval.evaluate import evaluate_workdir
 from lqseg_jax.train.config import load_config
 from lqseg_jax.train.loop import train
 
 
+@report_errors
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument(
@@ -33,6 +35,7 @@ def main(argv=None):
         help="comma-separated configs/demo.py variants (daformer, mask2former, rass)",
     )
     parser.add_argument("--out", default="runs/demo")
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     absl_logging.set_verbosity(absl_logging.WARNING)

@@ -27,6 +27,7 @@ them. Re-running replaces a split atomically.
 import argparse
 import os
 
+from lqseg_jax.cli import add_debug_flag, check_output_outside_input, report_errors
 from lqseg_jax.data_pipelines import refign_matching, refign_sources
 from lqseg_jax.data_pipelines.ade20k import prepare_ade20k
 
@@ -110,6 +111,7 @@ def _add_refign_parsers(sub) -> None:
             )
 
 
+@report_errors
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -132,7 +134,9 @@ def main(argv=None) -> None:
     )
     ade.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_refign_parsers(sub)
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
+    check_output_outside_input(args.out, args.src, src_flag="--src")
     splits = [s for s in args.splits.split(",") if s]
     if args.dataset == "ade20k":
         results = prepare_ade20k(

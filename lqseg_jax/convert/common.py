@@ -39,6 +39,48 @@ class CheckpointError(ValueError):
     """A checkpoint does not fit the model: a missing, unexpected or mis-shaped key."""
 
 
+def load_safetensors(path: str | Path, framework: str = "numpy") -> dict[str, Any]:
+    """safetensors.load_file of `path` ("numpy" or "torch" tensors); an unreadable file (a bad header, a
+    truncated body) is a CheckpointError naming it."""
+    if framework == "torch":
+        from safetensors.torch import load_file
+    else:
+        from safetensors.numpy import load_file
+    try:
+        return load_file(str(path))
+    except Exception as e:  # SafetensorError, OSError, ValueError depending on the damage
+        raise CheckpointError(
+            f"{Path(path).absolute()} is not a readable safetensors file ({type(e).__name__}: {_first_line(e)})"
+        ) from e
+
+
+def torch_load(path: str | Path, *, trust_pickle: bool | None) -> Any:
+    """torch.load on CPU, restricted to tensors unless `trust_pickle`. An unreadable file is a
+    CheckpointError naming it; it advises --trust-pickle only when the converter has that flag
+    (trust_pickle is False, not None) and it was not passed."""
+    import torch
+
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=not trust_pickle)
+    except Exception as e:
+        message = (
+            f"{Path(path).absolute()} could not be read by torch.load ({type(e).__name__}: {_first_line(e)})"
+        )
+        if trust_pickle is False:
+            message += (
+                "; expected a torch checkpoint of tensors. If it holds other objects and you trust its origin, "
+                "pass --trust-pickle"
+            )
+        else:
+            message += "; expected a file written by torch.save"
+        raise CheckpointError(message) from e
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def to_numpy(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """Torch tensors (any dtype, any device) or arrays -> float32/int numpy arrays, keys unchanged."""
     out = {}

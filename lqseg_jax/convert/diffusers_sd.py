@@ -37,10 +37,12 @@ from tqdm.auto import tqdm
 from lqseg_jax.convert.common import (
     CheckpointError,
     load_converted,
+    load_safetensors,
     load_torch_state,
     rename_keys,
     save_converted,
     to_numpy,
+    torch_load,
 )
 from lqseg_jax.models.clip_text import CLIPTextModel
 from lqseg_jax.models.lora import add_lora, lora_layout
@@ -86,12 +88,8 @@ def read_config(component_dir: str | Path) -> dict[str, Any]:
 
 def _load_file(path: Path) -> dict[str, np.ndarray]:
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return to_numpy(load_file(str(path)))
-    import torch
-
-    return to_numpy(torch.load(str(path), map_location="cpu", weights_only=True))
+        return to_numpy(load_safetensors(path, "torch"))
+    return to_numpy(torch_load(path, trust_pickle=None))
 
 
 def read_state_dict(component_dir: str | Path) -> dict[str, np.ndarray]:

@@ -19,7 +19,15 @@ from typing import Any
 
 import numpy as np
 
-from lqseg_jax.convert.common import CheckpointError, load_torch_state, rename_keys, save_converted, to_numpy
+from lqseg_jax.convert.common import (
+    CheckpointError,
+    load_safetensors,
+    load_torch_state,
+    rename_keys,
+    save_converted,
+    to_numpy,
+    torch_load,
+)
 
 DETECTRON2_PREFIX = "sem_seg_head."
 
@@ -127,26 +135,21 @@ def _load_checkpoint(path: Path, trust_pickle: bool) -> dict[str, Any]:
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.suffix == ".safetensors":
-        from safetensors.numpy import load_file
-
-        return load_file(str(path))
+        return load_safetensors(path)
     if path.suffix == ".pkl":
         if not trust_pickle:
             raise CheckpointError(f"{path} is a pickle; pass --trust-pickle if you trust its origin")
         import pickle
 
         with path.open("rb") as f:
-            obj = pickle.load(f, encoding="latin1")
+            try:
+                obj = pickle.load(f, encoding="latin1")
+            except Exception as e:
+                raise CheckpointError(
+                    f"{path.absolute()} could not be unpickled ({type(e).__name__}: {e}); expected a detectron2 .pkl"
+                ) from e
     else:
-        import torch
-
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
-        except Exception as e:
-            raise CheckpointError(
-                f"could not load {path} with weights_only={not trust_pickle} ({type(e).__name__}: {e}); "
-                "pass --trust-pickle for detectron2 checkpoints holding trainer state, if you trust them"
-            ) from e
+        obj = torch_load(path, trust_pickle=trust_pickle)
     return obj.get("model", obj) if isinstance(obj, dict) else obj
 
 

@@ -32,11 +32,13 @@ from flax import nnx
 
 from lqseg_jax.convert.common import (
     CheckpointError,
+    load_safetensors,
     load_torch_state,
     rename_keys,
     save_converted,
     strip_prefix,
     to_numpy,
+    torch_load,
 )
 from lqseg_jax.models.daformer_head import DAFormerHead
 from lqseg_jax.models.mit import MIT_PRESETS, MixVisionTransformer
@@ -233,23 +235,11 @@ def blank_model(make: Callable[[], M]) -> M:
 
 def _load_torch_checkpoint(path: Path, trust_pickle: bool) -> Mapping:
     """A torch.load-able file or a .safetensors file, as a mapping."""
-    import pickle
-
-    import torch
-
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise FileNotFoundError(f"checkpoint not found: {path.absolute()}")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(path)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(
-            f"{path} holds objects beyond tensors, which torch.load(weights_only=True) refuses; "
-            f"if you trust the file, pass --trust-pickle. ({e})"
-        ) from e
+        return load_safetensors(path, "torch")
+    return torch_load(path, trust_pickle=trust_pickle)
 
 
 def convert_mit(
@@ -308,6 +298,12 @@ def convert_refign(
     if seg_key not in sd:
         raise CheckpointError(f"{src}: '{seg_key}' is missing (cannot read the number of classes)")
     num_classes, channels = (int(n) for n in sd[seg_key].shape[:2])
+    bias_key = f"{head_prefix}conv_seg.bias"
+    if bias_key in sd and tuple(sd[bias_key].shape) != (num_classes,):
+        raise CheckpointError(
+            f"{src}: '{seg_key}' has shape {tuple(sd[seg_key].shape)} ({num_classes} classes) but '{bias_key}' "
+            f"has {tuple(sd[bias_key].shape)}; expected ({num_classes},)"
+        )
     embed_key = f"{head_prefix}embed_layers.0.proj.weight"
     if embed_key not in sd:
         raise CheckpointError(f"{src}: '{embed_key}' is missing (cannot read the head's embedding width)")

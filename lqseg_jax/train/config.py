@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+
 import ml_collections
 
 from .optim import default_config as optimizer_defaults
@@ -79,6 +81,30 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+class ConfigError(ValueError):
+    """A config file, variant or field that does not exist, or a value it cannot take."""
+
+
+def config_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    """Every dotted key of `config`, sections included."""
+    keys = []
+    for k, v in config.items():
+        keys.append(f"{prefix}{k}")
+        if isinstance(v, ml_collections.ConfigDict):
+            keys += config_keys(v, f"{prefix}{k}.")
+    return keys
+
+
+def check_override_keys(config: ml_collections.ConfigDict, keys, flag: str = "config") -> None:
+    """Raises ConfigError for the first of `keys` (dotted) that `config` lacks, suggesting close ones."""
+    known = config_keys(config)
+    for key in keys:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+            hint = f"; did you mean {' or '.join(f'{flag}.{c}' for c in close)}?" if close else ""
+            raise ConfigError(f"{flag}.{key}: the config has no field '{key}'{hint}")
+
+
 def load_config(spec: str, **overrides) -> ml_collections.ConfigDict:
     """`"configs/daformer.py:tiny"` -> that file's get_config("tiny"), with dotted-key overrides
     (`load_config(..., **{"data.root": "/x"})`), as scripts' `--config FILE:ARG --config.key=value` do."""
@@ -87,17 +113,16 @@ def load_config(spec: str, **overrides) -> ml_collections.ConfigDict:
 
     path, _, arg = spec.partition(":")
     if not Path(path).is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
+        raise ConfigError(f"config file {Path(path).absolute()} does not exist")
     module_spec = importlib.util.spec_from_file_location(f"lqseg_config_{Path(path).stem}", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     config = module.get_config(arg or None)
+    check_override_keys(config, overrides)
     for key, value in overrides.items():
         node = config
         *parents, leaf = key.split(".")
         for p in parents:
             node = node[p]
-        if leaf not in node:
-            raise KeyError(f"config has no field '{key}'")
         node[leaf] = value
     return config

@@ -106,7 +106,9 @@ def test_label_values_out_of_range_are_rejected(tmp_path):
     Image.fromarray(raw).save(bad)
     src = sources.ade20k_source(root, "training", num_classes=10)
     with pytest.raises(
-        DataError, match=r"label synth_00000\.jpg has class ids \[199\] outside 0\.\.9 and 255"
+        DataError,
+        match=rf"label {bad} has raw values \[200\] \(class ids \[199\] after the 'ade20k' "
+        r"label map\) outside 0\.\.9 and 255",
     ):
         transforms.Decode(src.label_map, src.num_classes)(src[0])
 
@@ -116,7 +118,7 @@ def test_corrupt_image_is_named(tmp_path):
     path = root / "images" / "training" / "synth_00001.jpg"
     path.write_bytes(path.read_bytes()[:300])  # truncated JPEG
     src = sources.ade20k_source(root, "training", num_classes=10)
-    with pytest.raises(DataError, match=r"corrupt or unreadable image synth_00001\.jpg"):
+    with pytest.raises(DataError, match=rf"corrupt or unreadable image {path}"):
         transforms.Decode(src.label_map, src.num_classes)(src[1])
     with pytest.raises(DataError, match="corrupt or unreadable image"):
         batches(src, 1)  # the error surfaces through grain too

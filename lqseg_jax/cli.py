@@ -1,0 +1,166 @@
+"""The scripts' error wrapper: the project's own errors end in one line on stderr and exit code 2.
+
+An error is the user's to fix when it is one of ours (DataError, CheckpointError, ConfigError,
+WorkdirBusyError, a diverged run's FloatingPointError) or a ValueError / KeyError / OSError raised by our
+own code (a boundary check) rather than by a library. It is printed as `error: <message>` (only the
+message: grain's trailing note is dropped); anything else keeps its traceback. `--debug` on the command
+line or LQSEG_DEBUG=1 in the environment shows the traceback of every error.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+_OURS = tuple(
+    str(Path(__file__).resolve().parents[1] / d)
+    for d in ("lqseg_jax", "data_pipelines", "kernels", "scripts")
+)
+
+
+def debug_requested(argv: list[str] | None = None) -> bool:
+    """LQSEG_DEBUG=1, or --debug on the command line (or in `argv`)."""
+    args = [*sys.argv[1:], *(argv or [])]
+    return os.environ.get("LQSEG_DEBUG", "") not in ("", "0") or "--debug" in args or "--debug=true" in args
+
+
+def _own_error_types() -> tuple[type, ...]:
+    from .convert.common import CheckpointError
+    from .data_pipelines.sources import DataError
+    from .train.config import ConfigError
+    from .train.workdir_lock import WorkdirBusyError
+
+    return CheckpointError, DataError, ConfigError, WorkdirBusyError, FloatingPointError
+
+
+def _raised_by_us(exc: BaseException) -> bool:
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return False
+    name = str(Path(frames[-1].filename).resolve())
+    return name.startswith(_OURS) and "site-packages" not in name
+
+
+def user_error(exc: BaseException) -> BaseException | None:
+    """The error in `exc`'s cause chain that is the user's to fix (see the module docstring), if any."""
+    own = _own_error_types()
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, own):
+            return exc
+        if isinstance(exc, ValueError | KeyError | OSError) and _raised_by_us(exc):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def one_line(exc: BaseException) -> str:
+    """The message of `exc` on one line (without notes, without KeyError's quotes)."""
+    message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+    return " ".join(str(message).split()) or type(exc).__name__
+
+
+def report_errors(main: Callable) -> Callable:
+    """Decorates a script's main(): the user's errors (see `user_error`) -> `error: ...` on stderr, exit 2."""
+
+    @functools.wraps(main)
+    def wrapped(*args, **kwargs):
+        argv = args[0] if args and isinstance(args[0], list | tuple) else None
+        try:
+            return main(*args, **kwargs)
+        except Exception as exc:
+            found = user_error(exc)
+            if found is None or debug_requested(None if argv is None else [str(a) for a in argv]):
+                raise
+            print(f"error: {one_line(found)}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
+
+    return wrapped
+
+
+def add_debug_flag(parser) -> None:
+    """`--debug` for an argparse script (shows tracebacks; same as LQSEG_DEBUG=1)."""
+    parser.add_argument(
+        "--debug", action="store_true", help="show the traceback of errors (or LQSEG_DEBUG=1)"
+    )
+
+
+def _argv_config(argv: list[str], name: str) -> tuple[str | None, list[str]]:
+    """(the --NAME FILE[:ARG] value, the dotted keys of the --NAME.KEY overrides) in `argv`."""
+    spec, keys = None, []
+    for i, arg in enumerate(argv):
+        if arg == f"--{name}" and i + 1 < len(argv):
+            spec = argv[i + 1]
+        elif arg.startswith(f"--{name}="):
+            spec = arg.split("=", 1)[1]
+        elif arg.startswith(f"--{name}."):
+            keys.append(arg[len(name) + 3 :].split("=", 1)[0])
+    return spec, keys
+
+
+def flag_config(name: str = "config"):
+    """The ConfigDict of an ml_collections config flag; its loading errors (a missing file, an unknown
+    `--config.key`, a bad variant) -> ConfigError naming the flag, the file or key and what was expected."""
+    from absl import flags
+
+    try:
+        config = flags.FLAGS[name].value
+        config.keys()  # a config file that failed to load raises on first use
+        return config
+    except Exception as e:
+        _explain_config_error(e, name)
+        raise
+
+
+def _explain_config_error(e: BaseException, name: str) -> None:
+    """Raises ConfigError for a config flag that failed to load or to take an override, if it can tell why."""
+    from .train.config import ConfigError, check_override_keys, load_config
+
+    spec, keys = _argv_config(sys.argv[1:], name)
+    if spec is None:
+        return
+    path = Path(spec.partition(":")[0])
+    if not path.is_file():
+        raise ConfigError(f"--{name}: config file {path.absolute()} does not exist") from e
+    check_override_keys(load_config(spec), keys, flag=f"--{name}")
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise ConfigError(f"--{name} {spec}: {first}") from e
+
+
+def run_absl(main: Callable, config_flag: str = "config") -> None:
+    """absl's app.run(main) for a script with an ml_collections config flag: a config flag that fails while
+    the flags are parsed (an unknown --config.key, a missing file) ends in one line too."""
+    from absl import app
+
+    try:
+        app.run(main)
+    except Exception as exc:
+        if debug_requested():
+            raise
+        try:
+            _explain_config_error(exc, config_flag)
+        except Exception as explained:
+            found = user_error(explained)
+            if found is None:
+                raise
+            print(f"error: {one_line(found)}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
+        raise
+
+
+def check_output_outside_input(
+    out: str | Path, src: str | Path, flag: str = "--out", src_flag: str = "--root"
+):
+    """Refuses an output that is the input, lies inside it or holds it: a dataset-writing script never
+    writes into its input."""
+    o, r = Path(out).resolve(), Path(src).resolve()
+    if o == r or r in o.parents or o in r.parents:
+        raise ValueError(
+            f"{flag} {Path(out).absolute()} is, lies inside or holds {src_flag} {Path(src).absolute()}; writing "
+            "there would change the input (expected a separate output folder)"
+        )
