@@ -38,7 +38,8 @@ class TpuConfig:
     """Output rows per program (halved until the blocks fit the VMEM budget) and that budget."""
 
     block_h: int = 8
-    vmem_budget: int = 12 * 2**20  # bytes of double-buffered blocks per kernel
+    vmem_budget: int = 20 * 2**20  # bytes of double-buffered blocks per kernel
+    vmem_limit: int = 32 * 2**20  # scoped VMEM asked of Mosaic (blocks + spilled row tiles)
 
 
 DEFAULT_CONFIG = TpuConfig()
@@ -157,14 +158,16 @@ def _rows_padded(x, before: int, after: int, hq: int, wp: int):
     return jnp.pad(xt, ((0, 0), (before, after + hq - h), (0, 0), (before, wp - w - before)))
 
 
-def _call(kernel, out_shape, in_specs, out_spec, grid, interpret, name, *args):
+def _call(kernel, out_shape, in_specs, out_spec, grid, config, interpret, name, *args):
     return pl.pallas_call(
         kernel,
         out_shape=out_shape,
         grid=grid,
         in_specs=in_specs,
         out_specs=out_spec,
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel"), vmem_limit_bytes=config.vmem_limit
+        ),
         interpret=_interpret_arg(interpret),
         name=name,
     )(*args)
@@ -217,6 +220,7 @@ def forward(
         [rows((c, wp)), window((c, wp))],
         rows((k, wp)),
         (b, hq // bh),
+        config,
         interpret,
         "local_correlation_fwd_tpu",
         a,
@@ -254,6 +258,7 @@ def backward(
         [rows((k, wp)), window((c, wp))],
         rows((c, wp)),
         grid,
+        config,
         interpret,
         "local_correlation_bwd_x1_tpu",
         g,
@@ -268,6 +273,7 @@ def backward(
         [window((k, wp)), window((c, wp))],
         rows((c, wp)),
         grid,
+        config,
         interpret,
         "local_correlation_bwd_x2_tpu",
         gp,
