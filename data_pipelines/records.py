@@ -142,7 +142,15 @@ class RecordSource:
         self.num_classes = num_classes if num_classes is not None else meta["num_classes"]
         self.description = f"{meta['dataset']} records {directory} [{meta['split']}]"
         paths = [str(directory / s["file"]) for s in meta["shards"]]
-        self._data = grain.sources.ArrayRecordDataSource(paths)
+        self._shards = [(path, int(s["count"])) for path, s in zip(paths, meta["shards"], strict=True)]
+        try:
+            self._data = grain.sources.ArrayRecordDataSource(paths)
+        except Exception as e:  # array_record raises a bare RuntimeError for a truncated or damaged shard
+            raise DataError(
+                f"{self.description}: shard {self._unreadable_shard(paths)} cannot be opened "
+                f"({type(e).__name__}: {str(e).strip()[:200] or 'truncated or damaged'}); expected a complete "
+                "ArrayRecord file (re-run scripts/prepare_data.py)"
+            ) from e
         if len(self._data) != meta["count"]:
             raise DataError(
                 f"{self.description}: shards hold {len(self._data)} records, {directory / METADATA} says "
@@ -154,8 +162,33 @@ class RecordSource:
     def __len__(self) -> int:
         return len(self._data)
 
+    def _unreadable_shard(self, paths: list[str]) -> str:
+        for path in paths:
+            try:
+                grain.sources.ArrayRecordDataSource([path])
+            except Exception:
+                return path
+        return " or ".join(paths)
+
+    def _shard_of(self, index: int) -> str:
+        for path, count in self._shards:
+            if index < count:
+                return path
+            index -= count
+        return "?"
+
     def __getitem__(self, index: int) -> dict:
-        return decode_record(self._data[index], f"{self.description} record {index}")
+        try:
+            data = self._data[index]
+        except (IndexError, KeyError):
+            raise
+        except Exception as e:  # a damaged chunk: riegeli reports a hash mismatch without the file
+            raise DataError(
+                f"{self.description}: record {index} in shard {self._shard_of(index)} cannot be read "
+                f"({type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else 'damaged'}); "
+                "re-run scripts/prepare_data.py"
+            ) from e
+        return decode_record(data, f"{self.description} record {index}")
 
     def __repr__(self) -> str:
         return f"RecordSource({self.description}, {len(self)} examples)"

@@ -133,3 +133,17 @@ def test_converter_file_errors_name_the_file_and_advise_only_what_helps(tmp_path
     bad.write_bytes((10**6).to_bytes(8, "little") + b"{not json")
     with pytest.raises(CheckpointError, match=rf"{bad} is not a readable safetensors file"):
         load_safetensors(bad)
+
+
+def test_half_an_array_record_shard_is_named(tmp_path):
+    from lqseg_jax.data_pipelines import records, synthetic
+    from lqseg_jax.data_pipelines.ade20k import prepare_ade20k
+
+    root = synthetic.write_dataset(tmp_path / "ds", num_train=1, num_val=2, progress=False)
+    prepare_ade20k(root, tmp_path / "rec", ["validation"], workers=1, progress=False)
+    (shard,) = (tmp_path / "rec" / "validation").glob("*.array_record")
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    with pytest.raises(
+        DataError, match=rf"shard {shard} cannot be opened .*expected a complete ArrayRecord file"
+    ):
+        records.RecordSource(tmp_path / "rec" / "validation")
