@@ -10,14 +10,20 @@ Variants:
         Give model.pretrained.sd (a `scripts/convert.py sd` output of stable-diffusion-2-1-base) to train,
         or model.pretrained.path (a `scripts/convert.py rass` output) + model.tokenizer to evaluate the
         released weights.
+  "paper": the released weights evaluated as the original tests them (rass.md, ram.md 1.2-1.4): fp32
+        compute, images padded with zeros to a multiple of 8, RAM prompts computed from each whole padded
+        image (prompt.mode "ram", tagger at pretrained.path/ram, fp16-rounded sigmoid thresholds).
   "tiny": the same system at toy size on the synthetic scenes (96 px crops, degradation on, a fixed prompt,
         weights from scratch): trains on CPU in minutes (tests, demo).
 """
+
+import dataclasses
 
 import ml_collections
 
 from lqseg_jax.data_pipelines.synthetic import CLASSES
 from lqseg_jax.models.clip_text import SD21_TEXT_ENCODER
+from lqseg_jax.models.ram import RAMConfig
 from lqseg_jax.models.sd_unet import SD21_BASE_UNET
 from lqseg_jax.models.sd_vae import SD21_BASE_VAE
 from lqseg_jax.train.config import base_config
@@ -69,8 +75,8 @@ def _public(d: dict) -> dict:
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     variant = arg or "ade20k"
-    if variant not in ("ade20k", "tiny"):
-        raise ValueError(f"configs/rass.py variants: ade20k (default), tiny; got {variant!r}")
+    if variant not in ("ade20k", "paper", "tiny"):
+        raise ValueError(f"configs/rass.py variants: ade20k (default), paper, tiny; got {variant!r}")
     c = base_config()
     c.system = "rass"
     m = c.model
@@ -90,6 +96,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.prompt = ml_collections.ConfigDict(
         dict(mode="tags", text="", tags_file="", suffix="", cache_size=1024)  # suffix: pos_prompt_vsd
+    )
+    # mode "ram": the converted tagger (default pretrained.path/ram), its compute dtype, RASS's fp16-rounded
+    # sigmoid before the thresholds; `model` is the tagger's RAMConfig (for conversion and counts).
+    c.prompt.ram = ml_collections.ConfigDict(
+        dict(path="", dtype="float32", fp16_sigmoid=True, model=dataclasses.asdict(RAMConfig()))
     )
     c.degradation.enabled = True  # RASS's online Real-ESRGAN degradation of the training crops
     c.degradation.preset = "rass"
@@ -141,6 +152,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     o.schedule.warmup_steps = 0
     o.schedule.power = 0.9
 
+    if variant == "paper":
+        m.dtype = "float32"
+        c.prompt.mode = "ram"
+        c.eval.image_bucket = 8  # the original's zero padding to a multiple of 8, exactly
     if variant == "tiny":
         m.num_classes = len(CLASSES)
         m.dtype = "float32"

@@ -18,10 +18,13 @@ tree of `lqseg_jax.models.rass_backbone.RASS`, which mirrors the checkpoint's na
 Any other key, any missing leaf or any shape mismatch is a CheckpointError naming it.
 
 Output: OUT/model (save_converted; meta format "rass") and OUT/text_encoder (the `convert.py sd` component
-format, so `load_sd_component` reads it). The checkpoint holds no tokenizer: evaluation takes the SD 2.1
-tokenizer folder from `config.model.tokenizer`.
+format, so `load_sd_component` reads it). With --tag-list and --thresholds (RAM's ram_tag_list.txt and
+ram_tag_list_threshold.txt, in no checkpoint) also OUT/ram: the RAM tagger from the ram.* keys, with the tag
+files (lqseg_jax/convert/ram.py; config.prompt.ram.model sizes it), for prompt mode "ram". The checkpoint
+holds no tokenizer: evaluation takes the SD 2.1 tokenizer folder from `config.model.tokenizer`.
 
 CLI: python scripts/convert.py rass --src rass.pth --out DIR [--config configs/rass.py]
+         [--tag-list ram_tag_list.txt --thresholds ram_tag_list_threshold.txt]
 """
 
 from __future__ import annotations
@@ -82,11 +85,36 @@ def convert_rass(
     return model, text_encoder, report
 
 
-def convert_file(src: str | Path, out: str | Path, config, *, trust_pickle: bool = False) -> dict[str, int]:
-    """rass.pth -> OUT/model + OUT/text_encoder; returns the skipped-key report."""
+def convert_file(
+    src: str | Path,
+    out: str | Path,
+    config,
+    *,
+    trust_pickle: bool = False,
+    tag_list: str | Path | None = None,
+    thresholds: str | Path | None = None,
+) -> dict[str, int]:
+    """rass.pth -> OUT/model + OUT/text_encoder (+ OUT/ram with the tag files); returns the skipped-key
+    report (with the tagger's, under "ram: ...", when converted)."""
+    from lqseg_jax.convert import ram as ram_convert
+    from lqseg_jax.models.ram import RAMConfig
+
+    if (tag_list is None) != (thresholds is None):
+        raise ValueError(
+            "give both --tag-list and --thresholds (RAM's tag files) to convert the tagger, or neither"
+        )
+    if tag_list is not None:  # the tag files are checked before the long conversion
+        ram_config = RAMConfig(**config.prompt.ram.model.to_dict())
+        ram_convert.read_tag_list(tag_list, ram_config.num_classes)
+        ram_convert.read_thresholds(thresholds, ram_config.num_classes)
     sd = _load_checkpoint(Path(src), trust_pickle)
     model, text_encoder, report = convert_rass(sd, config, source=str(src), progress=True)
     out = Path(out)
+    if tag_list is not None:  # the tagger's own groups; DAPE is already counted above
+        ram_report = ram_convert.convert_file(
+            src, out / "ram", tag_list, thresholds, ram_config, state_dict=sd
+        )
+        report.update({f"ram: {group}": n for group, n in ram_report.items() if not group.startswith("dape")})
     save_converted(
         out / "model",
         model,
@@ -102,8 +130,16 @@ def _run(args: argparse.Namespace) -> None:
     from lqseg_jax.train.config import load_config
 
     config = load_config(args.config)
-    report = convert_file(args.src, args.out, config, trust_pickle=args.trust_pickle)
-    print(f"converted {args.src} -> {args.out}/model and {args.out}/text_encoder")
+    report = convert_file(
+        args.src,
+        args.out,
+        config,
+        trust_pickle=args.trust_pickle,
+        tag_list=args.tag_list,
+        thresholds=args.thresholds,
+    )
+    tagger = f" and {args.out}/ram" if args.tag_list else ""
+    print(f"converted {args.src} -> {args.out}/model and {args.out}/text_encoder{tagger}")
     for group, n in report.items():
         print(f"  skipped {n:6d} keys of {group}")
 
@@ -119,4 +155,10 @@ def register_cli(subparsers) -> None:
     p.add_argument("--out", required=True, help="output folder (OUT/model, OUT/text_encoder)")
     p.add_argument("--config", default="configs/rass.py", help="experiment config[:variant] the weights fit")
     p.add_argument("--trust-pickle", action="store_true", help="allow full unpickling of the checkpoint")
+    p.add_argument(
+        "--tag-list", help="RAM's ram_tag_list.txt (4,585 tags): also convert the tagger to OUT/ram"
+    )
+    p.add_argument(
+        "--thresholds", help="RAM's ram_tag_list_threshold.txt (4,585 floats in (0, 1]), with --tag-list"
+    )
     p.set_defaults(run=_run)

@@ -6,6 +6,8 @@ Modes:
 - "tags": a JSON file {image id: "tag1, tag2, ..."} (RAM/DAPE tags computed offline), the image id being
   the image file's stem ("ADE_val_00000001" for ".../ADE_val_00000001.jpg"). An id missing from the file
   is an error naming the id and the file.
+- "ram": the tags come with the batch, computed from the image by the RAM tagger (the system's
+  `RASSSystem.tag`); `captions(tags)` turns them into embeddings.
 As RASS builds it (rass/modeling/backbone/feature_projection.py + restoration_adaptation/ras.py
 encode_prompt): prompt = f"{tags}, {suffix}" (suffix = MODEL.RASS.pos_prompt_vsd, "" in the release), then
 cleaned: strip "[", "]", " " and "," at both ends, drop single quotes, commas -> spaces.
@@ -23,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-MODES = ("empty", "fixed", "tags")
+MODES = ("empty", "fixed", "tags", "ram")
 
 
 def clean_caption(caption: str) -> str:
@@ -80,6 +82,8 @@ class PromptProvider:
 
     def prompt(self, name: str) -> str:
         """The cleaned prompt of image `name` (a file name or path)."""
+        if self.mode == "ram":
+            raise ValueError("prompt mode 'ram' takes the tags of each image: use captions(tags), not names")
         if self.mode == "empty":
             caption = ""
         elif self.mode == "fixed":
@@ -102,6 +106,13 @@ class PromptProvider:
         if len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
         return emb
+
+    def captions(self, tags: Sequence[str]) -> np.ndarray:
+        """Embeddings (b, tokens, dim) float32 of per-image tag strings ("tag1, tag2", RASS's generate_tag
+        output): prompt = clean(f"{tags}, {suffix}"), as RASS builds it."""
+        return np.stack(
+            [self.embedding(clean_caption(f"{t}, {self.suffix}")) for t in tags]
+        )  # (b, tokens, dim)
 
     def __call__(self, names: Sequence[str]) -> np.ndarray:
         """Embeddings (b, tokens, dim) float32 for the images `names`."""

@@ -28,6 +28,14 @@ Pretrained weights (`config.model.pretrained`):
         weights first, as RASS does (merge_and_unload), then gets fresh stage-2 adapters.
 `config.model.tokenizer` names the CLIP tokenizer folder (default: pretrained.sd/tokenizer; a byte-level
 tokenizer for configs without pretrained text weights).
+
+Prompt mode "ram" (config.prompt.ram): RASS's own prompts. The converted RAM tagger (`scripts/convert.py ram`,
+or OUT/ram of `convert.py rass --tag-list --thresholds`; default pretrained.path/ram) runs on the device, in
+its own jitted call inside `host_batch`, on the batch's whole image as it reaches the system: the clean
+augmented crop in training, the padded low-quality canvas in evaluation (ram.md 1.2). Its tag string then
+goes through the prompt cleaning and the cached CLIP encoding like the other modes. The tagger is frozen,
+outside the model and the train state (like the text encoder), and runs in eval mode (deterministic tags;
+the original's training runs it in train mode, with drop-path and dropout: ram.md 1.6).
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ from flax import nnx
 from ..models.clip_text import CLIPTextModel, _encode_ids, load_tokenizer, tokenize
 from ..models.lora import LoRAParam, apply_lora, lora_layout, merge_lora
 from ..models.mask2former import Mask2FormerCriterion, rass_config, semantic_inference
+from ..models.ram import RAM, RAMConfig, preprocess, tag_strings, threshold_mask
 from ..models.rass_backbone import RASS, RASSConfig
 from .base import System, pixel_accuracy
 from .prompts import PromptProvider, byte_level_clip_tokenizer
@@ -94,6 +103,7 @@ class RASSSystem(System):
         self.model_config = model_config(config)
         self.criterion = Mask2FormerCriterion(self.model_config.head)
         self._prompts: PromptProvider | None = None
+        self._tagger: tuple | None = None
 
     def build_model(self, rngs: nnx.Rngs) -> RASS:
         return RASS(self.model_config, rngs=rngs)
@@ -134,7 +144,11 @@ class RASSSystem(System):
         from ..models.tracing import abstract_model
 
         text = self.config.model.text_encoder.to_dict()
-        return {"text_encoder": abstract_model(lambda: CLIPTextModel(text, rngs=nnx.Rngs(0)))}
+        out = {"text_encoder": abstract_model(lambda: CLIPTextModel(text, rngs=nnx.Rngs(0)))}
+        if self.config.prompt.mode == "ram":
+            ram = RAMConfig(**self.config.prompt.ram.model.to_dict())
+            out["ram_tagger"] = abstract_model(lambda: RAM(ram, rngs=nnx.Rngs(0)))
+        return out
 
     @property
     def prompts(self) -> PromptProvider:
@@ -157,7 +171,46 @@ class RASSSystem(System):
             )
         return self._prompts
 
+    # ------------------------------------------------------------------ RAM tags (prompt mode "ram")
+    def ram_folder(self) -> Path:
+        """The converted tagger: config.prompt.ram.path, else model.pretrained.path/ram."""
+        r, p = self.config.prompt.ram, self.config.model.pretrained
+        if r.path:
+            return Path(r.path)
+        if p.path:
+            return Path(p.path) / "ram"
+        raise ValueError(
+            "prompt mode 'ram' needs a converted RAM tagger: config.prompt.ram.path (a `scripts/convert.py ram` "
+            "output) or config.model.pretrained.path holding ram/ (`convert.py rass --tag-list --thresholds`)"
+        )
+
+    @property
+    def tagger(self) -> tuple:
+        """(RAM, tag list, thresholds (K,), jitted (RAM, uint8 images, thresholds) -> (b, K) bool)."""
+        if self._tagger is None:
+            from ..convert.ram import load_ram
+
+            r = self.config.prompt.ram
+            model, tags, thresholds = load_ram(self.ram_folder(), dtype=jnp.dtype(r.dtype))
+            fp16, size = bool(r.fp16_sigmoid), model.config.image_size
+            # two programs: the squash resize compiles per image size, the network once per batch size
+            squash = jax.jit(lambda images: preprocess(images.astype(jnp.float32) / 255.0 * 2.0 - 1.0, size))
+            network = nnx.jit(lambda ram, x, thr: threshold_mask(ram(x), thr, fp16_sigmoid=fp16))
+
+            def mask(ram: RAM, images: jax.Array, thr: jax.Array) -> jax.Array:
+                return network(ram, squash(images), thr)  # (b, K)
+
+            self._tagger = (model, tags, jnp.asarray(thresholds), mask)
+        return self._tagger
+
+    def tag(self, images: np.ndarray) -> list[str]:
+        """RAM tags of whole uint8 images (b, h, w, 3) as RASS's generate_tag writes them: 'tag1, tag2'."""
+        model, tags, thresholds, mask = self.tagger
+        return tag_strings(np.asarray(mask(model, jnp.asarray(images), thresholds)), tags)
+
     def host_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
+        if self.config.prompt.mode == "ram":
+            return {**batch, "text_emb": self.prompts.captions(self.tag(batch["image"]))}  # (b, tokens, d)
         if self.config.prompt.mode == "tags":
             if "name" not in batch:
                 raise ValueError(
@@ -189,8 +242,11 @@ class RASSSystem(System):
 
     def predict(self, model, images):
         """Scores for images alone: the prompt of modes "empty" and "fixed" is the same for every image."""
-        if self.config.prompt.mode == "tags":
-            raise ValueError("prompt mode 'tags' needs image names: use predict_batch with batch['text_emb']")
+        if self.config.prompt.mode in ("tags", "ram"):
+            raise ValueError(
+                f"prompt mode {self.config.prompt.mode!r} needs per-image prompts: use predict_batch with "
+                "batch['text_emb'] (from host_batch)"
+            )
         with jax.ensure_compile_time_eval():
             emb = self.prompts([""])  # (1, tokens, d)
         text = jnp.broadcast_to(jnp.asarray(emb), (images.shape[0], *emb.shape[1:]))

@@ -4,6 +4,8 @@ name is the real one; the file's full-size shapes of the loaded keys are checked
 model's shapes (abstract, no memory). fp16 tensors, as in rass.pth.
 """
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -57,8 +59,15 @@ def rass_like_state(seed: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, t
     rows = read_keys_file()
     one = {}
     for key, _, tag in rows:
-        if tag == "USE":
-            one[key] = torch.from_numpy(rng.normal(size=shapes[key]).astype(np.float16))
+        if tag == "USE":  # torch-like scales (unit norms, fan-in weights), so that the tags vary by image
+            shape = shapes[key]
+            if re.search(r"norm.*\.weight$|LayerNorm\.weight$", key):
+                value = 1.0 + 0.1 * rng.normal(size=shape)
+            elif len(shape) >= 2 and key != "label_embed":
+                value = rng.normal(size=shape) / np.sqrt(np.prod(shape[1:]))
+            else:
+                value = rng.normal(size=shape) * (1.0 if key == "label_embed" else 0.1)
+            one[key] = torch.from_numpy(value.astype(np.float16))
         elif tag == "LORA":
             one[key] = (
                 torch.zeros(3, 2, dtype=torch.float16) if key.endswith("lora_B") else torch.ones(2, 4).half()

@@ -1,0 +1,81 @@
+"""Prompt mode "ram": `scripts/convert.py rass --tag-list --thresholds` on a RASS-shaped checkpoint whose
+ram.* / dape.* keys carry ram_ckpt_keys.txt's 1,290 names each (narrow widths, real depths, 4,585 tags),
+then the converted model evaluated on the synthetic data with prompts tagged on the device from each whole
+padded image; the prompt of each image is the cleaned, CLIP-encoded tag string of the converted tagger.
+"""
+
+import dataclasses
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from lqseg_jax.convert.rass import convert_file as convert_rass_file
+from lqseg_jax.eval.evaluate import evaluate, load_converted_state
+from lqseg_jax.models.ram import preprocess, tag_strings, threshold_mask
+from lqseg_jax.systems.prompts import clean_caption, write_byte_level_tokenizer
+from tests.models.test_ram_convert import NARROW, fake_tag_files, rass_like_state
+from tests.systems.test_rass import micro_config
+from tests.systems.test_rass_convert import micro_rass_config, reference, run_convert_script  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("fast_compile")
+
+
+def micro_ram_config():
+    """The micro RASS with the narrow tagger (for the convert CLI's --config)."""
+    c = micro_rass_config()
+    c.prompt.ram.model = dataclasses.asdict(NARROW)
+    return c
+
+
+def test_convert_with_tagger_then_evaluate_with_ram_prompts(reference, tmp_path, synthetic_root):  # noqa: F811
+    sd = {k: v for k, v in reference["state_dict"].items() if ".ram." not in k and ".dape." not in k}
+    sd.update({k: v for k, v in rass_like_state()[0].items() if ".ram." in k or ".dape." in k})
+    torch.save({"model": sd}, tmp_path / "rass.pth")
+    tags, thr = fake_tag_files(tmp_path)
+    config_file = tmp_path / "micro_ram.py"
+    config_file.write_text(
+        "from tests.systems.test_rass_ram import micro_ram_config\n\n\n"
+        "def get_config(arg=None):\n    return micro_ram_config()\n"
+    )
+    out = tmp_path / "converted"
+    argv = ["rass", "--src", str(tmp_path / "rass.pth"), "--out", str(out), "--config", str(config_file)]
+    with pytest.raises(ValueError, match="both --tag-list and --thresholds"):
+        convert_rass_file(tmp_path / "rass.pth", out, micro_ram_config(), tag_list=tags)
+    run_convert_script([*argv, "--tag-list", str(tags), "--thresholds", str(thr)])
+    skipped = json.loads((out / "model" / "meta.json").read_text())["skipped"]
+    assert skipped["ram (RAM tagger)"] == 1290 and skipped["dape (DAPE tagger)"] == 1290
+    assert skipped["ram: tied tag_encoder copies (checked equal)"] == 32
+    assert (out / "ram" / "tag_list.txt").read_text().splitlines() == tags.read_text().splitlines()
+
+    config = micro_config(synthetic_root)
+    config.prompt.ram.model = dataclasses.asdict(NARROW)
+    config.prompt.mode = "ram"
+    write_byte_level_tokenizer(tmp_path / "tokenizer")
+    config.model.tokenizer = str(tmp_path / "tokenizer")
+    trainer, state = load_converted_state(config, out)
+    system = trainer.system
+    assert system.ram_folder() == out / "ram"
+
+    # the tags of an image: the converted tagger on the whole image in [-1, 1], thresholded in index order
+    image = np.random.default_rng(0).integers(0, 256, size=(2, 40, 56, 3), dtype=np.uint8)
+    ram, tag_list, thresholds, _ = system.tagger
+    x = jnp.asarray(image, jnp.float32) / 255.0 * 2.0 - 1.0
+    direct = nnx.jit(lambda m, x, t: threshold_mask(m(preprocess(x, NARROW.image_size)), t))
+    mask = np.asarray(direct(ram, x, thresholds))  # (2, 4585)
+    expected = tag_strings(mask, tag_list)
+    assert system.tag(image) == expected
+    assert 0 < mask.sum() < mask.size and expected[0] != expected[1]  # some tags fire, per image
+    emb = system.host_batch({"image": image})["text_emb"]  # (2, 77, 16)
+    provider = system.prompts
+    for i in range(2):
+        np.testing.assert_array_equal(emb[i], provider.embedding(clean_caption(f"{expected[i]}, ")))
+    with pytest.raises(ValueError, match="per-image prompts"):
+        system.predict(None, image)
+
+    summary = evaluate(trainer, state, tmp_path / "eval", progress=False)
+    assert summary["num_images"] == 6 and np.isfinite(summary["mIoU"])
+    assert (tmp_path / "eval" / "metrics.json").exists()
