@@ -16,10 +16,16 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-_OURS = tuple(
-    str(Path(__file__).resolve().parents[1] / d)
-    for d in ("lqseg_jax", "data_pipelines", "kernels", "scripts")
-)
+
+def _our_folders() -> tuple[str, ...]:
+    """Where our code lives (editable or installed): the packages and the running script's folder."""
+    from . import data_pipelines, kernels
+
+    folders = [Path(m.__file__).resolve().parent for m in (data_pipelines, kernels)]
+    folders.append(Path(__file__).resolve().parent)
+    if sys.argv and sys.argv[0].endswith(".py"):
+        folders.append(Path(sys.argv[0]).resolve().parent)  # scripts/
+    return tuple(f"{f}{os.sep}" for f in folders)
 
 
 def debug_requested(argv: list[str] | None = None) -> bool:
@@ -41,8 +47,7 @@ def _raised_by_us(exc: BaseException) -> bool:
     frames = traceback.extract_tb(exc.__traceback__)
     if not frames:
         return False
-    name = str(Path(frames[-1].filename).resolve())
-    return name.startswith(_OURS) and "site-packages" not in name
+    return str(Path(frames[-1].filename).resolve()).startswith(_our_folders())
 
 
 def user_error(exc: BaseException) -> BaseException | None:

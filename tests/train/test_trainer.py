@@ -104,10 +104,11 @@ def test_checkpoint_from_other_model_config_is_rejected(tmp_path, synthetic_root
     train(tiny(synthetic_root, total_steps=1, batch_size=8), tmp_path)
     other = tiny(synthetic_root, total_steps=2, batch_size=8)
     other.model.backbone = "mit_b1"
+    other.ema.enabled = True
     with pytest.raises(
         CheckpointError,
-        match=r"different model config(?s:.*)model\.backbone: checkpoint has "
-        r"'mit_b0', config has 'mit_b1'",
+        match=r"different config \(ema\.enabled: checkpoint has False, config has True; model\.backbone: "
+        r"checkpoint has 'mit_b0', config has 'mit_b1'; total_steps: checkpoint has 1, config has 2\)",
     ):
         train(other, tmp_path)
 
