@@ -12,6 +12,7 @@ SYSTEMS = {
     "daformer": "lqseg_jax.systems.daformer:DAFormerSystem",
     "mask2former": "lqseg_jax.systems.mask2former:Mask2FormerSystem",
     "rass": "lqseg_jax.systems.rass:RASSSystem",
+    "uda": "lqseg_jax.systems.uda:UDASystem",
 }
 
 

@@ -20,6 +20,12 @@ BATCH_AXES = ("data", "fsdp")  # = lqseg_jax.train.mesh.BATCH_AXES (systems do n
 
 
 class System(abc.ABC):
+    """Extra state: a system may keep state beside its trainable parameters in its model (a teacher, a
+    frozen copy, step counters). Whatever `trainable` does not select is the train state's `rest`: sharded,
+    checkpointed and resumed with the rest of the state; `loss` may write new values into it (under
+    stop_gradient), and what the model holds after `loss` becomes the next step's `rest`, as BatchNorm
+    statistics do (systems/uda.py: EMA teacher and step count)."""
+
     # Which variables the optimizer trains; everything else (frozen params, BN stats, RNG state) is carried.
     trainable: Any = nnx.Param
 

@@ -1,0 +1,126 @@
+"""Self-training UDA with MiT + DAFormer head (refign.md section 7): Cityscapes -> adverse conditions.
+
+Variants (`--config configs/refign.py:VARIANT`; append `,source_only` for the source-only baseline, e.g.
+`:tiny,source_only`: same network, data and schedule, no target loss):
+  "acdc" (default): Cityscapes (512x1024, 512 crops, cat_max_ratio 0.75, RCS) -> ACDC (540x960, 512 crops);
+         MiT-B5 from ImageNet weights (model.pretrained.path = a `scripts/convert.py mit` output), batch 2 + 2,
+         AdamW head 6e-4 / backbone 6e-5, wd 0.01 (0 on 1-D), warmup 1500 then linear to 0 at 40k.
+  "darkzurich": the same with Dark Zurich (540x960) as target.
+  "robotcar": Cityscapes -> RobotCar pairs (720x720, 512 crops), 20k steps, validation every 2000 steps over
+         present classes (the labelled RobotCar half of refign's batch is not part of this step).
+  "tiny": MiT-B0 with a 64-wide head, random init, on the synthetic paired data (Cityscapes-layout scenes ->
+         ACDC-layout night/fog/rain), 64x64 crops, batch 8 + 8, 300 steps (tests, demo).
+Override any field with --config.key=value.
+"""
+
+import ml_collections
+
+from lqseg_jax.train.config import base_config
+
+CITYSCAPES_CLASSES = (
+    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
+    "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle",
+)  # fmt: skip
+TARGETS = ("acdc", "darkzurich", "robotcar", "tiny")
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    parts = (arg or "acdc").split(",")
+    variant, flags = parts[0], set(parts[1:])
+    if variant not in TARGETS or not flags <= {"source_only"}:
+        raise ValueError(
+            f"configs/refign.py variants: {', '.join(TARGETS)} (default acdc), optionally followed by "
+            f"',source_only'; got {arg!r}"
+        )
+    c = base_config()
+    c.system = "uda"
+    c.model.backbone = "mit_b5"
+    c.model.num_classes = 19
+    c.model.drop_path_rate = 0.1
+    c.model.head = ml_collections.ConfigDict(
+        dict(embed_dims=256, channels=256, dilations=(1, 6, 12, 18), dropout_ratio=0.1)
+    )
+    c.model.pretrained.prefix = "backbone"  # copied into the teacher and the ImageNet encoder at load
+    c.uda = ml_collections.ConfigDict(
+        dict(
+            enabled="source_only" not in flags,  # False: source CE (+ feature distance) only
+            ema_momentum=0.999,
+            teacher_dropout=True,  # refign's quirk; False as DAFormer/HRDA (teacher dropout and drop-path off)
+            pseudo_threshold=0.968,
+            classmix_per_image=False,  # True: candidate classes of each source image instead of the batch
+            color_jitter_p=0.2,
+            color_jitter_strength=0.2,
+            blur=True,
+            fdist=dict(
+                enabled=True,
+                weight=0.005,
+                classes=(6, 7, 11, 12, 13, 14, 15, 16, 17, 18),
+                min_ratio=0.75,
+            ),
+        )
+    )
+
+    c.data.source = "cityscapes"
+    c.data.root = "data/cityscapes"
+    c.data.class_names = CITYSCAPES_CLASSES
+    c.data.source_size = (512, 1024)  # (h, w) at load, refign's `dims`
+    c.data.crop = (512, 512)
+    c.data.cat_max_ratio = 0.75
+    c.data.rcs = ml_collections.ConfigDict(
+        dict(enabled=True, temperature=0.01, min_pixels=3000, min_crop_ratio=0.5)
+    )
+    c.data.target = "acdc"
+    c.data.target_root = "data/acdc"
+    c.data.target_size = (540, 960)
+    c.eval.split = "val"
+    c.eval.scale = (960, 540)
+
+    c.batch_size = 2  # source images per step; the same number of target pairs
+    c.total_steps = 40_000
+    c.checkpoint.every = 4000
+    c.eval_every = 4000
+    c.optimizer.lr = 6e-4
+    c.optimizer.weight_decay = 0.01
+    c.optimizer.no_decay_1d = True
+    c.optimizer.lr_mults = ((r"^backbone\.", 0.1),)
+    c.optimizer.schedule.kind = "warmup_linear"
+    c.optimizer.schedule.warmup_steps = 1500
+    c.optimizer.schedule.warmup_ratio = 1e-6
+
+    if variant == "darkzurich":
+        c.data.target = "darkzurich"
+        c.data.target_root = "data/dark_zurich"
+    elif variant == "robotcar":
+        c.data.target = "robotcar"
+        c.data.target_root = "data/robotcar"
+        c.data.target_size = (720, 720)
+        c.eval.scale = ()
+        c.total_steps = 20_000
+        c.checkpoint.every = 2000
+        c.eval_every = 2000
+    elif variant == "tiny":
+        from lqseg_jax.data_pipelines.synthetic import CLASSES
+
+        c.model.backbone = "mit_b0"
+        c.model.num_classes = len(CLASSES)
+        c.model.head.embed_dims = 64
+        c.model.head.channels = 64
+        c.uda.fdist.classes = (6, 7, 8, 9)  # tree, ball, car, sign: the objects
+        c.data.root = "data/synthetic_adverse/cityscapes"
+        c.data.target_root = "data/synthetic_adverse/acdc"
+        c.data.class_names = CLASSES
+        c.data.synthetic.enabled = True
+        c.data.source_size = ()
+        c.data.target_size = ()
+        c.data.crop = (64, 64)
+        c.data.rcs.enabled = False
+        c.eval.scale = ()
+        c.eval.batch_size = 10
+        c.batch_size = 8
+        c.total_steps = 300
+        c.log_every = 10
+        c.checkpoint.every = 100
+        c.eval_every = 0
+        c.optimizer.schedule.warmup_steps = 30
+        c.optimizer.lr_mults = ()  # random init: one learning rate
+    return c

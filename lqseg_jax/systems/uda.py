@@ -1,0 +1,211 @@
+"""DAFormer-style self-training UDA (refign.md section 7): MiT + DAFormer head student, EMA teacher,
+ImageNet feature distance, DACS ClassMix with kornia-0.5.8 strong augmentation.
+
+The model carries its own state beside the student (base.py: a system may keep extra state in its model
+that its loss updates): `m_backbone` / `m_head` (the EMA teacher), `imnet_backbone` (frozen encoder for
+the feature distance) and `global_step` (t of the EMA). Only the student's `backbone` / `head` parameters
+are trainable (`trainable`); the rest travels in the train state's `rest`, so it is sharded, checkpointed
+and resumed with everything else. One loss call is one refign training step:
+
+1. teacher <- m teacher + (1 - m) student, parameters only, m = min(1 - 1/(t+1), ema_momentum); t += 1;
+2. L_src = CE(student(x_s) -> crop, y_s), mean over all pixels (ignored ones count 0);
+3. L_fd = fdist.weight * mean_{thing pixels of the label at the last stage} ||f_S - f_I||_2;
+4. teacher (train mode: BN batch statistics, its running stats updated; dropout and drop-path on unless
+   teacher_dropout is False) on x_t -> softmax probabilities; pseudo-label, one confidence weight;
+5. ClassMix of the first B_t source images with the targets, strong augmentation;
+6. L_mix = CE(student(x_mix), y_mix, pixel weights). The trainer differentiates L_src + L_fd + L_mix.
+
+Batch keys (data_pipelines/paired.py uda_dataset): image_src (bs, h, w, 3) uint8, label_src (bs, h, w)
+uint8 (255 ignore), image_trg (bt, h, w, 3) uint8, image_ref (bt, h, w, 3) uint8 (unused here: the Refign
+align/refine of section 8 builds on this step). Every random draw comes from the loss's rng, per example.
+Evaluation uses the student, as the original.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ..models.daformer_head import DAFormerHead
+from ..models.layers import resize_bilinear
+from ..models.mit import MixVisionTransformer
+from ..models.segmentor import EncoderDecoder
+from . import uda_augment as aug
+from .base import System, cross_entropy, normalize, pixel_accuracy
+
+STUDENT = ("backbone", "head")
+
+
+class StepCount(nnx.Variable):
+    """Steps taken by the UDA loss (the EMA's t); carried in the train state's `rest`."""
+
+
+class UDAModel(nnx.Module):
+    """Student (`backbone`, `head`), EMA teacher (`m_backbone`, `m_head`), frozen ImageNet encoder
+    (`imnet_backbone`, None without the feature distance): the attribute names of refign's
+    SegmentationModel."""
+
+    def __init__(self, student: EncoderDecoder, teacher: EncoderDecoder, imnet_backbone: nnx.Module | None):
+        self.backbone = student.backbone
+        self.head = student.head
+        self.m_backbone = teacher.backbone
+        self.m_head = teacher.head
+        self.imnet_backbone = imnet_backbone
+        self.global_step = StepCount(jnp.zeros((), jnp.int32))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Normalised images (b, h, w, 3) -> student logits (b, h/4, w/4, K)."""
+        return self.head(self.backbone(x))
+
+
+def _is_student(path, _) -> bool:
+    return bool(path) and path[0] in STUDENT
+
+
+def _copy_params(dst: nnx.Module, src: nnx.Module) -> None:
+    nnx.update(dst, jax.tree.map(jnp.copy, nnx.state(src, nnx.Param)))
+
+
+def _no_dropout(*modules: nnx.Module) -> None:
+    for module in modules:
+        for _, m in module.iter_modules():
+            if isinstance(m, nnx.Dropout):  # DropPath included
+                m.deterministic = True
+
+
+class UDASystem(System):
+    trainable = nnx.All(nnx.Param, _is_student)
+
+    # ------------------------------------------------------------------------------------ networks
+    def build_network(self, rngs: nnx.Rngs) -> EncoderDecoder:
+        """Student / teacher architecture: MiT + DAFormer head at the config's size."""
+        m = self.config.model
+        dtype = jnp.dtype(m.dtype)
+        backbone = MixVisionTransformer.from_preset(
+            m.backbone, drop_path_rate=m.drop_path_rate, dtype=dtype, rngs=rngs
+        )
+        head = DAFormerHead(
+            backbone.embed_dims,
+            m.num_classes,
+            channels=m.head.channels,
+            embed_dims=m.head.embed_dims,
+            dilations=tuple(m.head.dilations),
+            dropout_ratio=m.head.dropout_ratio,
+            dtype=dtype,
+            rngs=rngs,
+        )
+        return EncoderDecoder(backbone, head)
+
+    def build_encoder(self, rngs: nnx.Rngs) -> nnx.Module:
+        """The frozen ImageNet encoder: the student's backbone without stochastic depth (eval mode)."""
+        m = self.config.model
+        return MixVisionTransformer.from_preset(
+            m.backbone, drop_path_rate=0.0, dtype=jnp.dtype(m.dtype), rngs=rngs
+        )
+
+    def build_model(self, rngs: nnx.Rngs) -> UDAModel:
+        student, teacher = self.build_network(rngs), self.build_network(rngs)
+        imnet = self.build_encoder(rngs) if self.config.uda.fdist.enabled else None
+        model = UDAModel(student, teacher, imnet)
+        self._sync_copies(model)
+        return model
+
+    def _sync_copies(self, model: UDAModel) -> None:
+        """Teacher := student, ImageNet encoder := student backbone (its initial / pretrained weights)."""
+        _copy_params(model.m_backbone, model.backbone)
+        _copy_params(model.m_head, model.head)
+        if model.imnet_backbone is not None:
+            _copy_params(model.imnet_backbone, model.backbone)
+
+    def load_pretrained(self, model: UDAModel) -> str:
+        loaded = super().load_pretrained(model)
+        self._sync_copies(model)
+        return f"{loaded} (copied to m_backbone and imnet_backbone)"
+
+    # --------------------------------------------------------------------------------------- draws
+    def draw(self, rng: jax.Array, labels: jax.Array) -> dict[str, Any]:
+        """This step's random choices, per example from `rng`: ClassMix classes (b, K+1), jitter factors
+        and orders, blur sigmas (b,), and the two batch gates (jitter iff u > p, blur iff u > 0.5)."""
+        u = self.config.uda
+        b = labels.shape[0]
+        k_mix, k_jit, k_sig, k_gate = jax.random.split(rng, 4)
+        gates = jax.random.uniform(k_gate, (2,))
+        return dict(
+            chosen=aug.classmix_choice(k_mix, labels, self.config.model.num_classes, u.classmix_per_image),
+            jitter=aug.jitter_params(k_jit, b, u.color_jitter_strength),
+            sigma=jax.random.uniform(k_sig, (b,), minval=0.15, maxval=1.15),
+            do_jitter=gates[0] > u.color_jitter_p,
+            do_blur=(gates[1] > 0.5) & u.blur,
+        )
+
+    # ---------------------------------------------------------------------------------------- step
+    def _input(self, images: jax.Array) -> jax.Array:
+        d = self.config.data
+        return normalize(images, d.mean, d.std)  # (b, h, w, 3) fp32
+
+    def _net(self, backbone: nnx.Module, head: nnx.Module, x: jax.Array, size) -> tuple[jax.Array, list]:
+        feats = backbone(x.astype(jnp.dtype(self.config.model.dtype)))  # 4 x (b, h_s, w_s, c_s)
+        return resize_bilinear(head(feats).astype(jnp.float32), size), feats  # (b, h, w, K)
+
+    def loss(self, model: UDAModel, batch, rng):
+        u, k = self.config.uda, self.config.model.num_classes
+        t = model.global_step.get_value()
+        momentum = aug.ema_momentum(t, u.ema_momentum)
+        for teacher, student in ((model.m_backbone, model.backbone), (model.m_head, model.head)):
+            nnx.update(
+                teacher,
+                aug.ema_update(nnx.state(teacher, nnx.Param), nnx.state(student, nnx.Param), momentum),
+            )
+        model.global_step.set_value(t + 1)
+        if not u.teacher_dropout:
+            _no_dropout(model.m_backbone, model.m_head)
+
+        x_s, y_s = self._input(batch["image_src"]), batch["label_src"]  # (bs, h, w, 3), (bs, h, w)
+        size = y_s.shape[1:3]
+        logits_s, feats_s = self._net(model.backbone, model.head, x_s, size)  # (bs, h, w, K)
+        loss_src = cross_entropy(logits_s, y_s)
+        metrics = {"loss_src": loss_src, "pixel_acc": pixel_accuracy(jnp.argmax(logits_s, -1), y_s)}
+        total = loss_src
+
+        if u.fdist.enabled:
+            f_s = feats_s[-1]  # (bs, h/32, w/32, c)
+            f_i = jax.lax.stop_gradient(
+                model.imnet_backbone(x_s.astype(f_s.dtype))[-1]
+            )  # (bs, h/32, w/32, c)
+            y_low = aug.downscale_label_ratio(y_s, y_s.shape[2] // f_s.shape[2], u.fdist.min_ratio, k)
+            mask = jnp.isin(y_low, jnp.asarray(u.fdist.classes))  # (bs, h/32, w/32)
+            loss_fd = u.fdist.weight * aug.feature_distance(f_s, f_i, mask)
+            metrics["loss_fd"] = loss_fd
+            total = total + loss_fd
+
+        if u.enabled:
+            x_t = self._input(batch["image_trg"])  # (bt, h, w, 3)
+            bt = x_t.shape[0]
+            logits_t, _ = self._net(model.m_backbone, model.m_head, x_t, size)  # (bt, h, w, K)
+            probs = jax.lax.stop_gradient(jax.nn.softmax(logits_t, axis=-1))
+            pseudo = jnp.argmax(probs, axis=-1)  # (bt, h, w)
+            weight = aug.pseudo_weight(probs, u.pseudo_threshold)
+            xs_b, ys_b = x_s[:bt], y_s[:bt]
+            draws = self.draw(rng, ys_b)
+            mask = aug.class_masks(ys_b, draws["chosen"], k)  # (bt, h, w)
+            x_mix = mask[..., None] * xs_b + (1.0 - mask[..., None]) * x_t  # (bt, h, w, 3)
+            y_mix = jnp.where(mask > 0, ys_b, pseudo)  # (bt, h, w)
+            w_mix = mask + (1.0 - mask) * weight  # (bt, h, w)
+            d = self.config.data
+            x_mix = aug.strong_augment(
+                x_mix, d.mean, d.std, draws["jitter"], draws["sigma"], draws["do_jitter"], draws["do_blur"]
+            )
+            logits_mix, _ = self._net(model.backbone, model.head, x_mix, size)  # (bt, h, w, K)
+            loss_mix = cross_entropy(logits_mix, y_mix, weight=w_mix)
+            metrics.update(loss_mix=loss_mix, pseudo_weight=weight)
+            total = total + loss_mix
+        metrics["ema_momentum"] = momentum
+        return total, metrics
+
+    # ----------------------------------------------------------------------------------- inference
+    def predict(self, model: UDAModel, images):
+        logits, _ = self._net(model.backbone, model.head, self._input(images), images.shape[1:3])
+        return logits  # (b, h, w, K)
