@@ -87,7 +87,7 @@ def test_prompt_modes_cache_and_missing_id(tmp_path):
     with pytest.raises(ValueError, match="needs a tags file"):
         PromptProvider("tags", encode)
     with pytest.raises(ValueError, match="prompt mode must be one of"):
-        PromptProvider("ram", encode)
+        PromptProvider("dape", encode)
 
 
 # ------------------------------------------------------------------------------------- sliding windows
