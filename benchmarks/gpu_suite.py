@@ -27,6 +27,7 @@ Each benchmark's last JSON line is its result; a `"roofline"` list in it, of
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import datetime
 import glob
 import importlib.metadata
@@ -102,7 +103,7 @@ BENCHMARKS = (
 
 # ----------------------------------------------------------------------------------------------- prepare
 def lock_versions() -> dict[str, str]:
-    """Exact versions: requirements.lock's `name==version` lines, else this interpreter's installed ones."""
+    """requirements.lock's exact `name==version` pins ({} without the file)."""
     lock = REPO / "requirements.lock"
     if lock.exists():
         pins = re.findall(r"^([A-Za-z0-9_.\-]+)(?:\[[^\]]*\])?==([^\s;\\]+)", lock.read_text(), re.M)
@@ -193,9 +194,8 @@ def install(work: Path, log) -> dict:
             done = _pip(["--target", str(work / f"site_{group}"), *files], log)
             if done.returncode:
                 raise SystemExit(f"gpu_suite: FAILED: installing the carried {group} wheels: {_last(done)}")
-    build = (
-        work / "build_repo"
-    )  # what setup.py packages, copied so that the build leaves the checkout as it is
+    # what setup.py packages, copied so that the build leaves the checkout as it is
+    build = work / "build_repo"
     build.mkdir()
     for name in PACKAGE_FILES:
         if (REPO / name).is_dir():
@@ -388,19 +388,25 @@ def run_bench(bench: Bench, args: tuple[str, ...], env: dict, limit_s: float, lo
     return entry
 
 
-def run_benchmarks(benches, smoke: bool, env: dict, deadline: float, log, say) -> dict:
-    """Each benchmark in turn, limited by its own limit (not in smoke runs) and by the suite's deadline."""
-    results = {}
-    for bench in benches:
+def run_benchmarks(benches, smoke: bool, env: dict, deadline: float, log, say, jobs: int = 1) -> dict:
+    """Each benchmark limited by its own limit (not in smoke runs) and by the suite's deadline; `jobs` at
+    a time (1 for timings; more only for smoke runs, whose times mean nothing, and then without cpu_s)."""
+
+    def one(bench: Bench) -> dict:
         left = deadline - time.perf_counter() - 15  # keep time to write the report
         if left < 20:
             entry = {"status": "not run: the suite's deadline was reached"}
         else:
             limit = left if smoke else min(bench.limit_s, left)
             entry = run_bench(bench, bench.smoke_args if smoke else bench.gpu_args, env, limit, log)
-        results[bench.name] = entry
+            if jobs > 1:
+                entry.pop("cpu_s")  # the children's CPU time of concurrent runs cannot be told apart
         say(f"{bench.name}: {entry['status']} ({entry.get('wall_s', 0)} s)")
-    return results
+        return entry
+
+    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+        entries = list(pool.map(one, benches))
+    return {bench.name: entry for bench, entry in zip(benches, entries)}
 
 
 def roofline(results: dict, peaks: dict) -> list[dict]:
@@ -445,7 +451,8 @@ def markdown(report: dict) -> str:
     lines = [
         f"## {title}: {env.get('device_kind', '?')} ({report['date']})",
         "",
-        f"- Command: `{report['command']}` ({report['wall_s']:.0f} s in all, deadline {report['deadline_s']:.0f} s; "
+        f"- Command: `{report['command']}` ({report['wall_s']:.0f} s in all, {report.get('cpu_s_children')} "
+        f"CPU s in subprocesses, {report.get('jobs', 1)} at a time, deadline {report['deadline_s']:.0f} s; "
         + ", ".join(f"{k} {v} s" for k, v in report.get("phases_s", {}).items())
         + ").",
         f"- Device: {env.get('device_kind', '?')}; nvidia-smi: {env.get('nvidia_smi') or 'n/a'}; "
@@ -475,7 +482,7 @@ def markdown(report: dict) -> str:
         status = e["status"] + ("" if e.get("result_complete", True) else ", partial result")
         if e.get("last_line"):
             status += f": `{e['last_line'][:120]}`"
-        wall = f"{e['wall_s']} ({e['cpu_s']})" if "wall_s" in e else ""
+        wall = f"{e['wall_s']} ({e.get('cpu_s', '-')})" if "wall_s" in e else ""
         lines.append(f"| {name} | {status} | {wall} | {ratios} | {times} |")
     if report["roofline"]:
         labels = list(peaks)
@@ -520,7 +527,12 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--out", help="folder for gpu_suite.json/.md/.log (default $OUT, else gpu_suite_out/)"
     )
-    parser.add_argument("--deadline-s", type=float, default=570, help="the whole suite's wall-clock budget")
+    parser.add_argument(
+        "--deadline-s",
+        type=float,
+        help="the whole suite's wall-clock budget (570 s; 1200 s with --cpu-smoke)",
+    )
+    parser.add_argument("--jobs", type=int, help="benchmarks at a time (1; 2 with --cpu-smoke)")
     parser.add_argument("--only", help="comma-separated benchmark names (default: all)")
     parser.add_argument(
         "--measure-peaks", action="store_true", help=argparse.SUPPRESS
@@ -533,6 +545,8 @@ def main(argv=None) -> int:
     if args.prepare:
         prepare(args.msda_src)
         return 0
+    args.deadline_s = args.deadline_s or (1200 if args.cpu_smoke else 570)
+    args.jobs = args.jobs or (2 if args.cpu_smoke else 1)
 
     start = time.perf_counter()
     out_dir = Path(args.out or os.environ.get("OUT") or REPO / "benchmarks" / "gpu_suite_out")
@@ -573,11 +587,19 @@ def main(argv=None) -> int:
         report["install"]["mode"] = "the lock's flax/optax/orbax (carried)"
         if info is None and (work / "site_lock").exists():
             say(f"the probe failed with the lock's flax/optax/orbax ({why}); trying the image's own")
+            lock_why = why
             env["PYTHONPATH"] = os.pathsep.join(base_path)
             info, why = probe(env)
-            report["install"]["mode"] = f"the image's flax/optax/orbax (the lock's failed: {why})"
+            report["install"]["mode"] = f"the image's flax/optax/orbax (with the lock's: {lock_why})"
         if info is None:
-            raise SystemExit(f"gpu_suite: FAILED: the environment probe (jax, flax, torch, lqseg_jax): {why}")
+            hint = (
+                ""
+                if report["install"]["wheels"]
+                else " (no carried wheels: run --prepare, carry gpu_suite_carry)"
+            )
+            raise SystemExit(
+                f"gpu_suite: FAILED: the environment probe (jax, flax, torch, lqseg_jax): {why}{hint}"
+            )
         report["phases_s"]["probe"] = round(time.perf_counter() - phase, 1)
         info["nvidia_smi"] = nvidia_smi()
         report["environment"] = info
@@ -620,7 +642,10 @@ def main(argv=None) -> int:
 
         wanted = args.only.split(",") if args.only else [b.name for b in BENCHMARKS]
         benches = [b for b in BENCHMARKS if b.name in wanted]
-        report["benchmarks"] = run_benchmarks(benches, args.cpu_smoke, env, start + args.deadline_s, log, say)
+        report["benchmarks"] = run_benchmarks(
+            benches, args.cpu_smoke, env, start + args.deadline_s, log, say, args.jobs
+        )
+        report["jobs"] = args.jobs
         report["roofline"] = roofline(report["benchmarks"], peaks)
         return_code = 0
     except SystemExit as err:
@@ -637,6 +662,8 @@ def main(argv=None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report["wall_s"] = time.perf_counter() - start
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    report["cpu_s_children"] = round(children.ru_utime + children.ru_stime, 1)
     (out_dir / "gpu_suite.json").write_text(json.dumps(report, indent=1) + "\n")
     (out_dir / "gpu_suite.md").write_text(markdown(report))
     print((out_dir / "gpu_suite.md").read_text())

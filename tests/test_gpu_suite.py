@@ -122,3 +122,16 @@ def test_main_writes_json_and_markdown_when_the_install_fails(tmp_path, monkeypa
     report = json.loads((tmp_path / "gpu_suite.json").read_text())
     assert report["failed"].startswith("gpu_suite: FAILED: installing this repository")
     assert (tmp_path / "gpu_suite.md").read_text().startswith("## CPU smoke run of the GPU suite")
+
+
+def test_two_at_a_time_keeps_every_result(tmp_path):
+    nap = "import time; time.sleep(2); print('{\"done\": 1}')"
+    benches = [_bench(tmp_path, f"nap{i}", nap) for i in range(2)] + [_bench(tmp_path, "fails", FAILS)]
+    t0 = time.perf_counter()
+    results = suite.run_benchmarks(
+        benches, True, None, time.perf_counter() + 300, lambda _: None, lambda _: None, jobs=2
+    )
+    assert time.perf_counter() - t0 < 3.9  # the two 2 s naps overlapped
+    assert list(results) == ["nap0", "nap1", "fails"]
+    assert [r["status"] for r in results.values()] == ["ok", "ok", "failed (exit status 1)"]
+    assert results["nap0"]["result"] == {"done": 1} and "cpu_s" not in results["nap0"]
