@@ -233,6 +233,12 @@ def test_end_to_end_logits_and_tags():
     assert tokens.shape == ref_tokens.shape == (2, 1 + 3 * 3, cfg.num_features)  # Swin at the tiny config
     np.testing.assert_allclose(tokens, ref_tokens, atol=2e-5, rtol=0)
     np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
+
+    # bf16 compute (fp32 parameters, norms and softmax): the same logits to bf16 precision
+    bf16 = empty_ram(cfg, dtype=jnp.bfloat16)
+    nnx.update(bf16, nnx.state(model, nnx.Param))
+    low = np.asarray(jax.jit(lambda m, p: m(p))(bf16, jnp.asarray(pre)))
+    assert low.dtype == np.float32 and 0 < np.abs(low - ref).max() < 0.05 * np.abs(ref).max()
     tags = [f"tag {i}" if i % 5 else f"o'tag{i}" for i in range(cfg.num_classes)]
     ref_tags = [", ".join(tags[i] for i in range(cfg.num_classes) if probs[b, i] > thr[i]) for b in range(2)]
     assert tag_strings(mask, tags) == ref_tags
