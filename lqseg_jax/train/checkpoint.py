@@ -36,8 +36,9 @@ log = logging.getLogger(__name__)
 
 # Config sections that shape the train state: a checkpoint only fits a state built from equal ones.
 STATE_KEYS = ("system", "model", "optimizer", "ema")
-# Resuming also continues the learning-rate schedule, whose length is total_steps.
-RESUME_KEYS = (*STATE_KEYS, "total_steps")
+# Resuming also continues the learning-rate schedule, whose length is total_steps, and a UDA system's
+# self-training (teacher momentum, pseudo-label threshold); a section absent from both configs is equal.
+RESUME_KEYS = (*STATE_KEYS, "uda", "total_steps")
 DIGEST_FILE = "digest.json"
 
 
