@@ -45,8 +45,9 @@ from lqseg_jax.models.ram import (
 from lqseg_jax.models.tracing import abstract_model, param_count
 
 pytestmark = pytest.mark.usefixtures("fast_compile")
-# A copy of the spec's ram_ckpt_keys.txt (key names, shapes and USE/BUF/LORA/TIED/SKIP of one RASS tagger).
-KEYS_FILE = Path(__file__).with_name("test_ram_ckpt_keys.txt")
+# The spec's key list (names, shapes and USE/BUF/LORA/TIED/SKIP of one RASS tagger), in ../shared beside the
+# checkout as on CI; not copied into the repository.
+KEYS_FILE = Path(__file__).resolve().parents[3] / "shared" / "reference" / "ram_ckpt_keys.txt"
 
 # Swin-L per ram.md 2.1 / 3.1, and tiny variants of the same code.
 TINY = RAMConfig(
