@@ -23,6 +23,7 @@ Evaluation uses the student, as the original.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -209,3 +210,46 @@ class UDASystem(System):
     def predict(self, model: UDAModel, images):
         logits, _ = self._net(model.backbone, model.head, self._input(images), images.shape[1:3])
         return logits  # (b, h, w, K)
+
+
+def train_dataset(config, *, process_index: int = 0, process_count: int = 1):
+    """The UDA training stream of `config` for this process (data_pipelines/paired.py uda_dataset; batch keys
+    above): config.batch_size source images and as many target pairs per step, globally. Sources: the
+    prepared records or on-disk layouts of data.source (data.root) and data.target (data.target_root); with
+    data.synthetic.enabled, the synthetic paired dataset whose Cityscapes part is data.root
+    (data_pipelines/synthetic_adverse.py). Resumable through the iterator state."""
+    from ..data_pipelines import paired, refign_sources, synthetic_adverse
+
+    d, k = config.data, config.model.num_classes
+    if d.synthetic.enabled:
+        source, target = synthetic_adverse.sources(Path(d.root).parent, d.train_split)
+    else:
+        source = refign_sources.paired_source(d.source, d.root, d.train_split, num_classes=k)
+        target = refign_sources.paired_source(d.target, d.target_root, d.train_split, num_classes=k)
+    if config.batch_size % process_count:
+        raise ValueError(f"batch_size {config.batch_size} is not divisible by the {process_count} processes")
+    local = config.batch_size // process_count
+    rcs = None
+    if d.rcs.enabled:
+        rcs = dict(
+            stats_dir=Path(d.root) / d.train_split,
+            temperature=d.rcs.temperature,
+            min_pixels=d.rcs.min_pixels,
+            min_crop_ratio=d.rcs.min_crop_ratio,
+        )
+    return paired.uda_dataset(
+        source,
+        target,
+        source_augment=paired.PairedAugment(tuple(d.crop), d.cat_max_ratio, d.flip_prob),
+        target_augment=paired.PairedAugment(tuple(d.crop), 1.0, d.flip_prob),
+        seed=config.seed,
+        source_size=tuple(d.source_size) or None,
+        target_size=tuple(d.target_size) or None,
+        source_batch=local,
+        target_batch=local,
+        num_classes=k,
+        rcs=rcs,
+        process_index=process_index,
+        process_count=process_count,
+        num_threads=d.num_threads,
+    )

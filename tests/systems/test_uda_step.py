@@ -73,9 +73,9 @@ class TinyBackbone(nnx.Module):
 
 
 class TinyHead(nnx.Module):
-    def __init__(self, rngs):
+    def __init__(self, rngs, num_classes=K):
         self.fuse = ConvModule(20, 16, 1, rngs=rngs)
-        self.conv_seg = nnx.Conv(16, K, (1, 1), rngs=rngs)
+        self.conv_seg = nnx.Conv(16, num_classes, (1, 1), rngs=rngs)
 
     def __call__(self, feats):
         f1, f2 = feats
@@ -85,7 +85,7 @@ class TinyHead(nnx.Module):
 
 class StandInSystem(UDASystem):
     def build_network(self, rngs):
-        return EncoderDecoder(TinyBackbone(rngs), TinyHead(rngs))
+        return EncoderDecoder(TinyBackbone(rngs), TinyHead(rngs, self.config.model.num_classes))
 
     def build_encoder(self, rngs):
         return TinyBackbone(rngs)
