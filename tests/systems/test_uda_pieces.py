@@ -337,3 +337,29 @@ def test_adamw_groups_and_schedule_match_torch():
     for key, p in tp.items():
         grp, name = key.split(".")
         np.testing.assert_allclose(np.asarray(params[grp][name]), p.detach().numpy(), rtol=1e-6, atol=1e-7)
+
+
+def test_teacher_dropout_switch_leaves_the_student_alone():
+    """teacher_dropout=False (DAFormer/HRDA) turns off the teacher's dropout and drop-path only."""
+    from flax import nnx
+
+    from lqseg_jax.models.layers import DropPath
+    from lqseg_jax.models.segmentor import EncoderDecoder
+    from lqseg_jax.systems.uda import UDAModel, _no_dropout
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.lin = nnx.Linear(2, 2, rngs=rngs)
+            self.dropout = nnx.Dropout(0.5, rngs=rngs)
+            self.drop_path = DropPath(0.5, rngs=rngs)
+
+    rngs = nnx.Rngs(0)
+    model = UDAModel(EncoderDecoder(Net(rngs), Net(rngs)), EncoderDecoder(Net(rngs), Net(rngs)), None)
+    model.train()
+    _no_dropout(model.m_backbone, model.m_head)
+    for name in ("m_backbone", "m_head"):
+        net = getattr(model, name)
+        assert net.dropout.deterministic and net.drop_path.deterministic
+    for name in ("backbone", "head"):
+        net = getattr(model, name)
+        assert not net.dropout.deterministic and not net.drop_path.deterministic
