@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before jax loads XLA: see the docstring
+# The demo's virtualenv has no torch (RASS uses only transformers' CLIP tokenizer): no advice about it.
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 import jax
 from absl import logging as absl_logging
