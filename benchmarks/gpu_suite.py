@@ -97,7 +97,13 @@ BENCHMARKS = (
         150,
     ),
     Bench("correlation", "benchmarks/correlation.py", (), (SMALL,), 60),
-    Bench("rass_step", "benchmarks/rass_step.py", ("--steps", "5"), ("--smoke", "--steps", "1"), 240),
+    Bench(
+        "rass_step",
+        "benchmarks/rass_step.py",
+        ("--steps", "5"),
+        ("--smoke", "--steps", "1", "--dtype", "float32"),
+        240,
+    ),
 )
 
 
