@@ -6,7 +6,7 @@ array-record, ml-collections, portpicker or diffusers. So the suite runs in two 
 
     # here, with the network: the lock's wheels for Python 3.12 (+ optionally the original MSDA CUDA op source)
     python benchmarks/gpu_suite.py --prepare [--msda-src DIR]
-    # there, carrying benchmarks/gpu_suite_carry (its wheels, ~10 MB):
+    # there, carrying benchmarks/gpu_suite_carry (~13 MB):
     python3 benchmarks/gpu_suite.py --out "$OUT"
     # here, the same script end to end on CPU with the smallest shapes:
     python benchmarks/gpu_suite.py --cpu-smoke
@@ -471,8 +471,8 @@ def markdown(report: dict) -> str:
     if "measured" in peaks:
         m = peaks["measured"]
         lines.append(
-            f"- Measured ceilings: copy {m['tb_per_s']:.2f} TB/s, bf16 matrix product "
-            f"{m['bf16_tflops']:.0f} TFLOP/s (n = {m['matmul_n']})."
+            f"- Measured ceilings: copy {m['tb_per_s']:.3g} TB/s, bf16 matrix product "
+            f"{m['bf16_tflops']:.3g} TFLOP/s (n = {m['matmul_n']})."
         )
     if "nominal" in peaks:
         lines.append(f"- Nominal ceilings: {peaks['nominal']}.")
