@@ -18,7 +18,7 @@ QUICK_TESTS := tests/test_import_layout.py tests/test_requirements.py tests/mode
 	tests/models/test_clip_text_parity.py tests/models/test_sd_vae_parity.py tests/data_pipelines/test_pipeline.py \
 	tests/eval tests/train/test_optim.py
 
-.PHONY: demo test lint format venv lock check-unlocked clean
+.PHONY: demo test lint format venv lock check-unlocked gpu-suite-smoke clean
 
 $(VENV)/.runtime: requirements.lock pyproject.toml setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -63,6 +63,10 @@ check-unlocked:
 	.venv-unlocked/bin/$(PIP) --no-deps --no-build-isolation -e .
 	.venv-unlocked/bin/python scripts/check_lock.py --diff requirements-test.lock
 	.venv-unlocked/bin/python -m pytest -n $(PYTEST_WORKERS) -q -p no:cacheprovider $(QUICK_TESTS)
+
+# benchmarks/gpu_suite.py end to end on CPU at the smallest shapes (writes benchmarks/gpu_suite_out/).
+gpu-suite-smoke: $(VENV)/.test
+	$(BIN)/python benchmarks/gpu_suite.py --cpu-smoke
 
 clean:
 	rm -rf $(VENV) .venv-lock .venv-unlocked runs/demo data/synthetic
