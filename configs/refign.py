@@ -10,7 +10,9 @@ Variants (`--config configs/refign.py:VARIANT`; append `,source_only` for the so
          present classes (the labelled RobotCar half of refign's batch is not part of this step).
   "tiny": MiT-B0 with a 64-wide head, random init, on the synthetic paired data (Cityscapes-layout scenes ->
          ACDC-layout night/fog/rain), 64x64 crops, batch 8 + 8, 300 steps (tests, demo).
-Override any field with --config.key=value.
+Evaluation (scripts/eval.py, eval_every) is on the target's val split (eval.source / eval.root): ACDC,
+Dark Zurich, RobotCar val; for "tiny" the synthetic ACDC-layout val split. Override any field with
+--config.key=value (when changing data.target_root, change eval.root too).
 """
 
 import ml_collections
@@ -60,6 +62,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         )
     )
 
+    c.data.pipeline = "uda"  # data_pipelines/streams.py: source + target/reference batches
     c.data.source = "cityscapes"
     c.data.root = "data/cityscapes"
     c.data.class_names = CITYSCAPES_CLASSES
@@ -109,7 +112,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.data.root = "data/synthetic_adverse/cityscapes"
         c.data.target_root = "data/synthetic_adverse/acdc"
         c.data.class_names = CLASSES
-        c.data.synthetic.enabled = True
+        c.data.synthetic.enabled = True  # written under data.root/.. on first use (train and val splits)
+        c.data.synthetic.num_train = 200  # source scenes
+        c.data.synthetic.num_val = 40
+        c.data.synthetic.num_target_train = 40  # pairs per condition (night, fog, rain)
+        c.data.synthetic.num_target_val = 10
         c.data.source_size = ()
         c.data.target_size = ()
         c.data.crop = (64, 64)
@@ -123,4 +130,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.eval_every = 0
         c.optimizer.schedule.warmup_steps = 30
         c.optimizer.lr_mults = ()  # random init: one learning rate
+    c.eval.source = c.data.target  # refign.md section 9: the target's val split
+    c.eval.root = c.data.target_root
     return c

@@ -14,8 +14,7 @@ from tqdm.auto import tqdm
 
 from ..data_pipelines.detectron2_transforms import Detectron2EvalResize
 from ..data_pipelines.pipeline import eval_batches
-from ..data_pipelines.sources import build_source
-from ..data_pipelines.synthetic import ensure_data
+from ..data_pipelines.streams import ensure_data, eval_source
 from ..data_pipelines.transforms import EvalCanvas, EvalResize
 from .inference import predict_at_label_size
 from .metrics import IGNORE, confusion_matrix, summarize
@@ -83,12 +82,13 @@ def evaluate(
     degradation=None,
     degradation_seed: int = 0,
 ) -> dict:
-    """Evaluates `state` on config.eval.split; writes metrics.json, the table and pictures to `out_dir`.
+    """Evaluates `state` on config.eval.split of eval.source at eval.root (default data.source / data.root,
+    data_pipelines/streams.py eval_source); writes metrics.json, the table and pictures to `out_dir`.
     With `degradation` (a data_pipelines.degradation preset config) every input image is degraded on the
     device first, seeded by (degradation_seed, image index)."""
     cfg = trainer.config
     num_classes = cfg.model.num_classes
-    source = build_source(cfg.data.source, cfg.data.root, cfg.eval.split, num_classes=num_classes)
+    source = eval_source(cfg)
     steps, batches = eval_batches(
         source,
         eval_resize(cfg.eval),
@@ -139,7 +139,7 @@ def evaluate(
             out_dir,
             {k: v for k, v in summary.items() if k != "num_images"},
             len(source),
-            extra={"step": int(state.step), "split": cfg.eval.split},
+            extra={"step": int(state.step), "split": cfg.eval.split, "source": source.description},
         )
     return summary
 

@@ -15,7 +15,8 @@ and resumed with everything else. One loss call is one refign training step:
 5. ClassMix of the first B_t source images with the targets, strong augmentation;
 6. L_mix = CE(student(x_mix), y_mix, pixel weights). The trainer differentiates L_src + L_fd + L_mix.
 
-Batch keys (data_pipelines/paired.py uda_dataset): image_src (bs, h, w, 3) uint8, label_src (bs, h, w)
+Batch keys (data_pipelines/paired.py uda_dataset, built for config.data.pipeline = "uda" by
+data_pipelines/streams.py): image_src (bs, h, w, 3) uint8, label_src (bs, h, w)
 uint8 (255 ignore), image_trg (bt, h, w, 3) uint8, image_ref (bt, h, w, 3) uint8 (unused here: the Refign
 align/refine of section 8 builds on this step). Every random draw comes from the loss's rng, per example.
 Evaluation uses the student, as the original.
@@ -23,7 +24,6 @@ Evaluation uses the student, as the original.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -210,46 +210,3 @@ class UDASystem(System):
     def predict(self, model: UDAModel, images):
         logits, _ = self._net(model.backbone, model.head, self._input(images), images.shape[1:3])
         return logits  # (b, h, w, K)
-
-
-def train_dataset(config, *, process_index: int = 0, process_count: int = 1):
-    """The UDA training stream of `config` for this process (data_pipelines/paired.py uda_dataset; batch keys
-    above): config.batch_size source images and as many target pairs per step, globally. Sources: the
-    prepared records or on-disk layouts of data.source (data.root) and data.target (data.target_root); with
-    data.synthetic.enabled, the synthetic paired dataset whose Cityscapes part is data.root
-    (data_pipelines/synthetic_adverse.py). Resumable through the iterator state."""
-    from ..data_pipelines import paired, refign_sources, synthetic_adverse
-
-    d, k = config.data, config.model.num_classes
-    if d.synthetic.enabled:
-        source, target = synthetic_adverse.sources(Path(d.root).parent, d.train_split)
-    else:
-        source = refign_sources.paired_source(d.source, d.root, d.train_split, num_classes=k)
-        target = refign_sources.paired_source(d.target, d.target_root, d.train_split, num_classes=k)
-    if config.batch_size % process_count:
-        raise ValueError(f"batch_size {config.batch_size} is not divisible by the {process_count} processes")
-    local = config.batch_size // process_count
-    rcs = None
-    if d.rcs.enabled:
-        rcs = dict(
-            stats_dir=Path(d.root) / d.train_split,
-            temperature=d.rcs.temperature,
-            min_pixels=d.rcs.min_pixels,
-            min_crop_ratio=d.rcs.min_crop_ratio,
-        )
-    return paired.uda_dataset(
-        source,
-        target,
-        source_augment=paired.PairedAugment(tuple(d.crop), d.cat_max_ratio, d.flip_prob),
-        target_augment=paired.PairedAugment(tuple(d.crop), 1.0, d.flip_prob),
-        seed=config.seed,
-        source_size=tuple(d.source_size) or None,
-        target_size=tuple(d.target_size) or None,
-        source_batch=local,
-        target_batch=local,
-        num_classes=k,
-        rcs=rcs,
-        process_index=process_index,
-        process_count=process_count,
-        num_threads=d.num_threads,
-    )

@@ -35,6 +35,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict(
         dict(
+            pipeline="supervised",  # the training stream (data_pipelines/streams.py): "supervised" | "uda"
             source="cityscapes",  # "cityscapes" | "ade20k"
             root="data/cityscapes",
             train_split="train",
@@ -64,6 +65,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval = ml_collections.ConfigDict(
         dict(
             split="val",
+            source="",  # dataset kind evaluated (data_pipelines/streams.py eval_source); "" = data.source
+            root="",  # its folder; "" = data.root
             resize="keep_ratio",  # "keep_ratio": `scale` (long, short) or none; "detectron2": short edge + pad
             scale=(),
             short_edge=512,

@@ -22,15 +22,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
-from ..data_pipelines.detectron2_transforms import (
-    MASK2FORMER_ADE20K_MIN_SIZES,
-    ColorAugSSD,
-    Detectron2TrainAugment,
-)
-from ..data_pipelines.pipeline import train_dataset
-from ..data_pipelines.sources import build_source
-from ..data_pipelines.synthetic import ensure_data
-from ..data_pipelines.transforms import TrainAugment
+from ..data_pipelines.streams import ensure_data, train_stream
 from ..eval.evaluate import evaluate
 from .checkpoint import Checkpointer
 from .trainer import Trainer
@@ -116,30 +108,6 @@ class MetricWriter:
             self.tb.close()
 
 
-def train_augment(data: ml_collections.ConfigDict):
-    """The host-side training augmentation the config asks for."""
-    if data.augment == "detectron2":
-        return Detectron2TrainAugment(
-            crop=tuple(data.crop),
-            min_sizes=tuple(data.min_sizes) or MASK2FORMER_ADE20K_MIN_SIZES,
-            max_size=data.max_size,
-            single_category_max_area=data.cat_max_ratio,
-            color_aug=ColorAugSSD() if data.color_aug else None,
-            flip_prob=data.flip_prob,
-            pad_value=data.pad_value,
-        )
-    if data.augment != "mmseg":
-        raise ValueError(f"data.augment must be 'mmseg' or 'detectron2', got {data.augment!r}")
-    return TrainAugment(
-        crop=tuple(data.crop),
-        scale=tuple(data.scale) if data.scale else None,
-        ratio_range=tuple(data.ratio_range) if data.ratio_range else None,
-        cat_max_ratio=data.cat_max_ratio,
-        flip_prob=data.flip_prob,
-        pad_value=data.pad_value,
-    )
-
-
 def check_finite(metrics: dict, step: int, ckpt: Checkpointer) -> None:
     """Stops training when a step's loss or gradient norm is not finite (its update has spoiled the
     parameters), before that state can be saved over a good checkpoint."""
@@ -172,29 +140,18 @@ def _train(config: ml_collections.ConfigDict, workdir: Path) -> dict:
     ckpt.remove_leftover_temporaries()
     ensure_data(config)
     trainer = Trainer(config)
-    data = config.data
-    source = build_source(data.source, data.root, data.train_split, num_classes=config.model.num_classes)
-    dataset = train_dataset(
-        source,
-        train_augment(data),
-        seed=config.seed,
-        global_batch=config.batch_size,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-        num_threads=data.num_threads,
-        num_workers=data.num_workers,
-    )
-    data_iter = iter(dataset)
+    stream = train_stream(config, process_index=jax.process_index(), process_count=jax.process_count())
+    data_iter = iter(stream.dataset)
     resumed = ckpt.restore_latest_intact(trainer.abstract_state, config, data_iter)
     if resumed is not None:
         step, state, iter_restored = resumed
         if not iter_restored:
-            if data.num_workers:
+            if config.data.num_workers:
                 raise RuntimeError(
                     f"checkpoint {step} holds no data iterator state for process {jax.process_index()} of "
                     f"{jax.process_count()}; resume once with --config.data.num_workers=0 to re-derive it"
                 )
-            data_iter.set_state({"next_index": step * (config.batch_size // jax.process_count())})
+            data_iter.set_state({"next_index": step * stream.index_per_step})
             log.info("data iterator position re-derived from step %d (process layout changed)", step)
         print(f"Resumed from step {step} ({ckpt.step_dir(step)})", flush=True)
     else:

@@ -20,6 +20,7 @@ from transformers import CLIPTextModel as TorchCLIP
 
 from lqseg_jax.data_pipelines.pipeline import train_dataset
 from lqseg_jax.data_pipelines.sources import build_source
+from lqseg_jax.data_pipelines.streams import train_augment
 from lqseg_jax.eval.robustness import robustness_curve
 from lqseg_jax.models.clip_text import SD21_TEXT_ENCODER
 from lqseg_jax.models.rass_backbone import OUT_STRIDES, slide_features, slide_windows
@@ -29,7 +30,6 @@ from lqseg_jax.models.tracing import abstract_model
 from lqseg_jax.systems.prompts import PromptProvider, clean_caption
 from lqseg_jax.systems.rass import RASSSystem, model_config
 from lqseg_jax.train.config import load_config
-from lqseg_jax.train.loop import train_augment
 from lqseg_jax.train.mesh import path_name
 from lqseg_jax.train.optim import decay_mask, lr_multipliers
 from lqseg_jax.train.trainer import Trainer

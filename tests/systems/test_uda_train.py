@@ -10,7 +10,8 @@ from flax import nnx
 
 from lqseg_jax import systems
 from lqseg_jax.data_pipelines import synthetic_adverse
-from lqseg_jax.systems.uda import UDASystem, train_dataset
+from lqseg_jax.data_pipelines.streams import train_stream
+from lqseg_jax.systems.uda import UDASystem
 from lqseg_jax.train.checkpoint import Checkpointer
 from lqseg_jax.train.config import load_config
 from lqseg_jax.train.trainer import Trainer
@@ -60,11 +61,11 @@ def test_uda_trains_and_resumes_bit_identically(config, tmp_path):
     init = trainer.init_state()
     model0 = nnx.merge(trainer.graphdef, init.params, init.rest)
     teacher0 = np.asarray(model0.m_head.conv_seg.kernel[...]).copy()
-    straight, metrics = _steps(trainer, trainer.init_state(), iter(train_dataset(config)), 0, 4)
+    straight, metrics = _steps(trainer, trainer.init_state(), iter(train_stream(config).dataset), 0, 4)
     assert all(np.isfinite(v) for v in metrics.values()), metrics
     assert metrics["loss_fd"] > 0 and metrics["loss_mix"] > 0
 
-    it = iter(train_dataset(config))
+    it = iter(train_stream(config).dataset)
     half, _ = _steps(trainer, trainer.init_state(), it, 0, 2)
     ckpt = Checkpointer(tmp_path, keep=2, async_save=False)
     ckpt.save(2, half, it, config)
@@ -72,7 +73,7 @@ def test_uda_trains_and_resumes_bit_identically(config, tmp_path):
     ckpt.close()
     del half, it
     trainer2 = Trainer(config)
-    it2 = iter(train_dataset(config))
+    it2 = iter(train_stream(config).dataset)
     reader = Checkpointer(tmp_path, keep=2, async_save=False)
     step, restored, iter_restored = reader.restore_latest_intact(trainer2.abstract_state, config, it2)
     reader.close()

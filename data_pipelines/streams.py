@@ -1,0 +1,186 @@
+"""The data a config asks for: its training stream (config.data.pipeline), its evaluation source
+(config.eval.source / eval.root) and the synthetic datasets written on first use.
+
+Pipelines (config.data.pipeline):
+    "supervised"  one labelled source (data.source at data.root), `train_augment(config.data)`, batch keys
+                  image, label (pipeline.train_dataset); the iterator's index counts examples
+    "uda"         labelled source + target with references (paired.uda_dataset, batch keys image_src,
+                  label_src, image_trg, image_ref); the iterator's index counts steps
+The training loop only sees `train_stream(config)`; a system never builds its data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import grain
+import ml_collections
+
+from .detectron2_transforms import MASK2FORMER_ADE20K_MIN_SIZES, ColorAugSSD, Detectron2TrainAugment
+from .transforms import TrainAugment
+
+PIPELINES = ("supervised", "uda")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainStream:
+    """A training dataset and how far its iterator's `next_index` advances per training step (to re-derive
+    the position of a resumed run whose checkpoint holds no iterator state)."""
+
+    dataset: grain.IterDataset
+    index_per_step: int
+
+
+def _pipeline(config: ml_collections.ConfigDict) -> str:
+    kind = config.data.pipeline
+    if kind not in PIPELINES:
+        raise ValueError(f"config.data.pipeline must be one of {PIPELINES}, got {kind!r}")
+    return kind
+
+
+def _local_batch(config: ml_collections.ConfigDict, process_count: int) -> int:
+    if config.batch_size % process_count:
+        raise ValueError(f"batch_size {config.batch_size} is not divisible by the {process_count} processes")
+    return config.batch_size // process_count
+
+
+def train_augment(data: ml_collections.ConfigDict):
+    """The host-side augmentation of the supervised pipeline (data.augment)."""
+    if data.augment == "detectron2":
+        return Detectron2TrainAugment(
+            crop=tuple(data.crop),
+            min_sizes=tuple(data.min_sizes) or MASK2FORMER_ADE20K_MIN_SIZES,
+            max_size=data.max_size,
+            single_category_max_area=data.cat_max_ratio,
+            color_aug=ColorAugSSD() if data.color_aug else None,
+            flip_prob=data.flip_prob,
+            pad_value=data.pad_value,
+        )
+    if data.augment != "mmseg":
+        raise ValueError(f"data.augment must be 'mmseg' or 'detectron2', got {data.augment!r}")
+    return TrainAugment(
+        crop=tuple(data.crop),
+        scale=tuple(data.scale) if data.scale else None,
+        ratio_range=tuple(data.ratio_range) if data.ratio_range else None,
+        cat_max_ratio=data.cat_max_ratio,
+        flip_prob=data.flip_prob,
+        pad_value=data.pad_value,
+    )
+
+
+def train_stream(
+    config: ml_collections.ConfigDict, *, process_index: int = 0, process_count: int = 1
+) -> TrainStream:
+    """This process's training stream of `config` (data.pipeline), resumable through its iterator state."""
+    if _pipeline(config) == "uda":
+        return TrainStream(uda_stream(config, process_index, process_count), 1)
+    from .pipeline import train_dataset
+    from .sources import build_source
+
+    d = config.data
+    source = build_source(d.source, d.root, d.train_split, num_classes=config.model.num_classes)
+    dataset = train_dataset(
+        source,
+        train_augment(d),
+        seed=config.seed,
+        global_batch=config.batch_size,
+        process_index=process_index,
+        process_count=process_count,
+        num_threads=d.num_threads,
+        num_workers=d.num_workers,
+    )
+    return TrainStream(dataset, _local_batch(config, process_count))
+
+
+def uda_stream(
+    config: ml_collections.ConfigDict, process_index: int, process_count: int
+) -> grain.IterDataset:
+    """config.batch_size source images and as many target pairs per step, globally (paired.uda_dataset).
+    Sources: the prepared records or on-disk layouts of data.source (data.root) and data.target
+    (data.target_root); with data.synthetic.enabled, the synthetic paired dataset whose Cityscapes part is
+    data.root (synthetic_adverse.py). Rare-class sampling with data.rcs.enabled."""
+    from . import paired, refign_sources, synthetic_adverse
+
+    d, k = config.data, config.model.num_classes
+    if d.synthetic.enabled:
+        source, target = synthetic_adverse.sources(Path(d.root).parent, d.train_split)
+    else:
+        source = refign_sources.paired_source(d.source, d.root, d.train_split, num_classes=k)
+        target = refign_sources.paired_source(d.target, d.target_root, d.train_split, num_classes=k)
+    local = _local_batch(config, process_count)
+    rcs = None
+    if d.rcs.enabled:
+        rcs = dict(
+            stats_dir=Path(d.root) / d.train_split,
+            temperature=d.rcs.temperature,
+            min_pixels=d.rcs.min_pixels,
+            min_crop_ratio=d.rcs.min_crop_ratio,
+        )
+    return paired.uda_dataset(
+        source,
+        target,
+        source_augment=paired.PairedAugment(tuple(d.crop), d.cat_max_ratio, d.flip_prob),
+        target_augment=paired.PairedAugment(tuple(d.crop), 1.0, d.flip_prob),
+        seed=config.seed,
+        source_size=tuple(d.source_size) or None,
+        target_size=tuple(d.target_size) or None,
+        source_batch=local,
+        target_batch=local,
+        num_classes=k,
+        rcs=rcs,
+        process_index=process_index,
+        process_count=process_count,
+        num_threads=d.num_threads,
+    )
+
+
+def eval_source(config: ml_collections.ConfigDict):
+    """The labelled source of config.eval.split: dataset kind eval.source at eval.root, each defaulting to
+    data.source / data.root. Kinds of sources.SOURCES (ade20k, cityscapes) or of refign_sources (acdc,
+    darkzurich, robotcar, ...); on synthetic paired data, the conditions that were written."""
+    from . import refign_sources, synthetic_adverse
+    from .sources import SOURCES, build_source
+
+    e, d, k = config.eval, config.data, config.model.num_classes
+    kind, root = e.source or d.source, e.root or d.root
+    if kind in SOURCES:
+        return build_source(kind, root, e.split, num_classes=k)
+    options = {}
+    if d.synthetic.enabled:
+        options["check_counts"] = False
+        if kind == "acdc":
+            written = Path(root) / "rgb_anon"
+            options["conditions"] = [
+                c for c in synthetic_adverse.CONDITIONS if (written / c / e.split).is_dir()
+            ]
+    return refign_sources.paired_source(kind, root, e.split, num_classes=k, **options)
+
+
+def ensure_data(config: ml_collections.ConfigDict) -> None:
+    """With data.synthetic.enabled, writes the pipeline's synthetic dataset on first use (process 0 writes,
+    the others wait): "supervised" the scenes at data.root (synthetic.py), "uda" the paired adverse dataset
+    (synthetic_adverse.py, train and val splits) whose Cityscapes part is data.root."""
+    from . import synthetic, synthetic_adverse
+
+    syn = config.data.synthetic
+    if not syn.enabled:
+        return
+    if _pipeline(config) == "supervised":
+        synthetic.ensure_data(config)
+        return
+    import jax
+    from jax.experimental import multihost_utils
+
+    if jax.process_index() == 0:
+        synthetic_adverse.ensure_dataset(
+            Path(config.data.root).parent,
+            num_source=(syn.num_train, syn.num_val),
+            num_target=(syn.num_target_train, syn.num_target_val),
+            height=syn.height,
+            width=syn.width,
+            seed=syn.seed,
+            progress=False,
+        )
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("synthetic paired dataset written")
