@@ -73,3 +73,22 @@ def test_rename_keys_and_skip():
     assert skipped == ["ram.x"]
     with pytest.raises(CheckpointError, match="two checkpoint keys"):
         rename_keys({"x.w": 1, "y.w": 2}, [(r"^[xy]", "z")])
+
+
+def test_a_wrong_class_count_names_the_weight_as_well_as_the_bias():
+    # A checkpoint for 6 output channels: conv.bias (sorted first) and conv.weight are both off; the error
+    # names each, so the weight's shape is not reported as a bias problem only.
+    sd = to_numpy(torch_net().state_dict())
+    model = Net(nnx.Rngs(0))
+    bad = dict(
+        sd, **{"conv.weight": np.zeros((6, 2, 3, 3), np.float32), "conv.bias": np.zeros(6, np.float32)}
+    )
+    with pytest.raises(CheckpointError) as info:
+        load_torch_state(model, bad, source="ckpt")
+    message = str(info.value)
+    assert message.startswith("ckpt: shape mismatch for ")
+    assert (
+        "'conv.weight' (-> 'conv.kernel'): checkpoint has (6, 2, 3, 3) (mapped (3, 3, 2, 6)), model expects (3, 3, 2, 4)"
+        in message
+    )
+    assert "'conv.bias' (-> 'conv.bias'): checkpoint has (6,) (mapped (6,)), model expects (4,)" in message

@@ -204,6 +204,7 @@ def load_torch_state(
     targets = model_leaves(model, filt)
     assigned: set[str] = set()
     unexpected: list[str] = []
+    mismatched: list[str] = []
     new_values: dict[str, np.ndarray] = {}
     items = sorted(state_dict.items())
     for key, array in tqdm(items, desc=f"converting {source}", disable=not progress, leave=False):
@@ -221,12 +222,18 @@ def load_torch_state(
             continue
         expected = tuple(targets[target].shape)
         if tuple(mapped.shape) != expected:
-            raise CheckpointError(
-                f"{source}: shape mismatch for '{key}' (-> '{target}'): checkpoint has "
-                f"{tuple(np.asarray(array).shape)} (mapped {tuple(mapped.shape)}), model expects {expected}"
+            mismatched.append(
+                f"'{key}' (-> '{target}'): checkpoint has {tuple(np.asarray(array).shape)} (mapped "
+                f"{tuple(mapped.shape)}), model expects {expected}"
             )
         new_values[target] = mapped
         assigned.add(target)
+    if mismatched:  # every one named: a weight's wrong shape is not blamed on its bias
+        raise CheckpointError(
+            f"{source}: shape mismatch for "
+            + "; ".join(mismatched[:10])
+            + (f"; and {len(mismatched) - 10} more" if len(mismatched) > 10 else "")
+        )
     allow = [re.compile(a) for a in allow_missing]
     missing = sorted(t for t in targets if t not in assigned and not any(a.search(t) for a in allow))
     if unexpected or missing:
