@@ -2,6 +2,7 @@
 
 - `resize_bilinear`: torch `F.interpolate(mode="bilinear", align_corners=False)` exactly (no antialiasing,
   up and down); `jax.image.resize` antialiases when downsampling and so differs from torch.
+- `TorchBatchNorm`: nnx.BatchNorm whose running variance is updated as torch's (unbiased batch variance).
 - `ConvModule`: conv (no bias) + BatchNorm + ReLU, the mmcv/refign `ConvBNReLU` with sub-modules `conv`, `bn`.
 - `DepthwiseSeparableConvModule`: `depthwise_conv` (ConvModule, groups = channels) then `pointwise_conv` (1x1).
 - `DropPath`: stochastic depth, one Bernoulli draw per sample, active in train mode only.
@@ -81,8 +82,34 @@ def kaiming_fan_out_init() -> jax.nn.initializers.Initializer:
     return jax.nn.initializers.variance_scaling(2.0, "fan_out", "normal")  # untruncated in jax
 
 
+class TorchBatchNorm(nnx.BatchNorm):
+    """nnx.BatchNorm over the channels-last axis, computed in fp32, with torch BatchNorm's train-mode update:
+    the running variance takes the unbiased batch variance (n / (n - 1), n = elements per channel) while
+    the normalisation uses the biased one. nnx.BatchNorm would store the biased variance."""
+
+    def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
+        use_running_average = self.use_running_average if use_running_average is None else use_running_average
+        x = x.astype(jnp.float32)
+        axes = tuple(range(x.ndim - 1))
+        if use_running_average:
+            mean, var = self.mean[...], self.var[...]  # (c,), (c,)
+        else:
+            n = math.prod(x.shape[:-1])
+            if n < 2:
+                raise ValueError(
+                    f"TorchBatchNorm: train mode needs more than 1 value per channel, got input {x.shape}"
+                )
+            mean = jnp.mean(x, axis=axes)  # (c,)
+            var = jnp.mean(jnp.square(x - mean), axis=axes)  # (c,) biased
+            m = self.momentum
+            self.mean[...] = jax.lax.stop_gradient(m * self.mean[...] + (1 - m) * mean)
+            self.var[...] = jax.lax.stop_gradient(m * self.var[...] + (1 - m) * var * (n / (n - 1)))
+        y = (x - mean) * jax.lax.rsqrt(var + self.epsilon)  # (..., c)
+        return y * self.scale[...] + self.bias[...]
+
+
 class ConvModule(nnx.Module):
-    """conv (no bias) -> BatchNorm (fp32, momentum 0.1 in torch terms, eps 1e-5) -> ReLU.
+    """conv (no bias) -> TorchBatchNorm (fp32, momentum 0.1 in torch terms, eps 1e-5) -> ReLU.
 
     Mirrors mmcv `ConvModule` / refign `ConvBNReLU` (`conv`, `bn`). Input and output NHWC; the output is in
     the compute `dtype`.
@@ -115,13 +142,8 @@ class ConvModule(nnx.Module):
             kernel_init=kaiming_fan_out_init(),
             rngs=rngs,
         )
-        self.bn = nnx.BatchNorm(
-            out_channels,
-            momentum=BN_MOMENTUM,
-            epsilon=BN_EPS,
-            dtype=jnp.float32,
-            use_fast_variance=False,
-            rngs=rngs,
+        self.bn = TorchBatchNorm(
+            out_channels, momentum=BN_MOMENTUM, epsilon=BN_EPS, dtype=jnp.float32, rngs=rngs
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:

@@ -308,6 +308,10 @@ def test_two_uda_steps_match_torch(standin):
     np.testing.assert_allclose(
         np.asarray(model.m_head.fuse.bn.mean[...]), mh.bn.running_mean.numpy(), atol=1e-5
     )
+    np.testing.assert_allclose(
+        np.asarray(model.m_head.fuse.bn.var[...]), mh.bn.running_var.numpy(), atol=1e-5
+    )
+    np.testing.assert_allclose(np.asarray(model.head.fuse.bn.var[...]), th.bn.running_var.numpy(), atol=1e-5)
     # the ImageNet encoder stays frozen
     ours, ref = (
         _jax_weights(model.imnet_backbone, model.m_head),
