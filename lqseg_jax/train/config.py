@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import json
 
 import ml_collections
 
@@ -86,6 +87,11 @@ def base_config() -> ml_collections.ConfigDict:
 
 class ConfigError(ValueError):
     """A config file, variant or field that does not exist, or a value it cannot take."""
+
+
+def config_json(config: ml_collections.ConfigDict) -> str:
+    """The resolved config as indented JSON, keys sorted (`train.py --print_config`, WORKDIR/config.json)."""
+    return json.dumps(json.loads(config.to_json_best_effort()), indent=2, sort_keys=True)
 
 
 def config_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:

@@ -4,7 +4,11 @@
 when there is one (after checking that it was written with the same model, optimizer, EMA and schedule
 config), saves every `checkpoint.every` steps, at the end, at `stop_at_step` and on SIGTERM / Ctrl-C, and
 logs metrics to a progress bar, WORKDIR/metrics.jsonl (cut back to the resumed step, so each step appears
-once) and TensorBoard summaries in WORKDIR/tb.
+once) and TensorBoard summaries in WORKDIR/tb (a resumed run writes TensorBoard's purge marker, which hides the
+events of the steps after the resumed one that the interrupted run had logged).
+
+The resolved config goes to WORKDIR/config.json when a run starts from step 0; a resumed run whose config
+differs from the one in effect at its step writes WORKDIR/config.<step>.json (the config from that step on).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from tqdm.auto import tqdm
 from ..data_pipelines.streams import ensure_data, train_stream
 from ..eval.evaluate import evaluate
 from .checkpoint import Checkpointer
+from .config import config_json
 from .trainer import Trainer
 from .workdir_lock import WorkdirLock
 
@@ -79,9 +84,36 @@ def truncate_metrics(path: Path, step: int) -> None:
         os.replace(tmp, path)
 
 
+def write_run_config(workdir: Path, config: ml_collections.ConfigDict, step: int) -> Path:
+    """Writes the resolved config of a run starting at `step`: WORKDIR/config.json at step 0; on resume,
+    WORKDIR/config.<step>.json when it differs from the config in effect at `step` (the newest of config.json
+    and config.<k>.json with k <= step). Returns the file that holds it."""
+    text = config_json(config) + "\n"
+    path = workdir / "config.json"
+    if step:
+        written = {
+            int(p.name.split(".")[1]): p
+            for p in workdir.glob("config.*.json")
+            if p.name.split(".")[1].isdigit()
+        }
+        if path.exists():
+            written[0] = path
+        earlier = [k for k in written if k <= step]
+        if earlier:
+            in_effect = written[max(earlier)]
+            if in_effect.read_text() == text:
+                return in_effect
+            path = workdir / f"config.{step}.json"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
 class MetricWriter:
-    """Scalars to WORKDIR/metrics.jsonl and TensorBoard (process 0 only); lines after `start_step` (left by
-    the run being resumed) are dropped first."""
+    """Scalars to WORKDIR/metrics.jsonl and TensorBoard (process 0 only). Resuming at `start_step` drops the
+    jsonl lines after it (left by the run being resumed) and starts the TensorBoard file with a purge marker
+    at `start_step + 1`, so TensorBoard hides the interrupted run's events from there on."""
 
     def __init__(self, workdir: Path, start_step: int = 0):
         self.enabled = jax.process_index() == 0
@@ -91,7 +123,7 @@ class MetricWriter:
             path = workdir / "metrics.jsonl"
             truncate_metrics(path, start_step)
             self.jsonl = path.open("a")
-            self.tb = SummaryWriter(str(workdir / "tb"))
+            self.tb = SummaryWriter(str(workdir / "tb"), purge_step=start_step + 1 if start_step else None)
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
         if not self.enabled:
@@ -157,6 +189,8 @@ def _train(config: ml_collections.ConfigDict, workdir: Path) -> dict:
     else:
         state = trainer.init_state()
         step = 0
+    if jax.process_index() == 0:
+        log.info("config: %s", write_run_config(workdir, config, step))
     writer = MetricWriter(workdir, step)
     last: dict = {}
     pbar = tqdm(total=end, initial=step, desc="train", disable=jax.process_index() != 0, dynamic_ncols=True)
