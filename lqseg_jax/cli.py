@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import sys
 import traceback
 from collections.abc import Callable
@@ -122,28 +123,129 @@ def flag_config(name: str = "config"):
         raise
 
 
-def _explain_config_error(e: BaseException, name: str) -> None:
-    """Raises ConfigError for a config flag that failed to load or to take an override, if it can tell why."""
+def _config_flag_problem(name: str) -> Exception | None:
+    """What is wrong with the config flag's file or override keys (a missing file, an unknown --config.key
+    with the close names, or the error its file raises when loaded); None when nothing is."""
     from .train.config import ConfigError, check_override_keys, load_config
 
     spec, keys = _argv_config(sys.argv[1:], name)
     if spec is None:
-        return
+        return None
     path = Path(spec.partition(":")[0])
     if not path.is_file():
-        raise ConfigError(f"--{name}: config file {path.absolute()} does not exist") from e
-    check_override_keys(load_config(spec), keys, flag=f"--{name}")
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise ConfigError(f"--{name} {spec}: {first}") from e
+        return ConfigError(f"--{name}: config file {path.absolute()} does not exist")
+    try:
+        check_override_keys(load_config(spec), keys, flag=f"--{name}")
+    except Exception as e:
+        return e
+    return None
+
+
+def _explain_config_error(e: BaseException, name: str) -> None:
+    """Raises ConfigError for a config flag that failed to load or to take an override, if it can tell why."""
+    from .train.config import ConfigError
+
+    spec, _ = _argv_config(sys.argv[1:], name)
+    if spec is None:
+        return
+    problem = _config_flag_problem(name)
+    if isinstance(problem, ConfigError):
+        raise problem from e
+    raise ConfigError(f"--{name} {spec}: {_first_line(problem or e)}") from e
+
+
+def setup_logging() -> None:
+    """The console every script shares: lqseg-jax's INFO lines (periodic evaluation mIoU, pretrained weights
+    loaded, resume details) on stderr, third-party loggers (absl, orbax, jax, grain) at WARNING and above.
+
+    absl's own handler is taken off the root logger (app.run puts it there) so that each line is printed
+    once, in one format; calling this again changes nothing.
+    """
+    import logging
+
+    from absl import logging as absl_logging
+
+    root = logging.getLogger()
+    root.removeHandler(absl_logging.get_absl_handler())
+    absl_logging.set_verbosity(absl_logging.WARNING)  # orbax and grain log every save and read at INFO
+    if not any(getattr(h, "_lqseg", False) for h in root.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        handler._lqseg = True
+        root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+    logging.getLogger("lqseg_jax").setLevel(logging.INFO)
+
+
+def _flag_error_line(e: BaseException, config_flag: str) -> str:
+    """One line for an absl flag parsing error: the flag and what was wrong, with the close names of an
+    unknown flag or the type a config field takes."""
+    import difflib
+
+    from absl import flags
+
+    message = _first_line(e)
+    fields: dict = {}
+    spec, _ = _argv_config(sys.argv[1:], config_flag)
+    if spec is not None:
+        problem = _config_flag_problem(config_flag)
+        if problem is not None:
+            found = user_error(problem)
+            return one_line(found) if found is not None else f"--{config_flag} {spec}: {_first_line(problem)}"
+        from .train.config import load_config
+
+        fields = _dotted_values(load_config(spec), f"--{config_flag}.")
+    if isinstance(e, flags.UnrecognizedFlagError):
+        name = f"--{e.flagname}"
+        known = [f"--{n}" for n in flags.FLAGS if n not in ("helpshort", "helpfull", "helpxml")]
+        close = difflib.get_close_matches(name, [*known, *fields], n=3, cutoff=0.6)
+        hint = f"; did you mean {' or '.join(close)}?" if close else f" (see {sys.argv[0]} --helpfull)"
+        return f"unknown flag {name}{hint}"
+    for key, value in sorted(fields.items(), key=lambda kv: -len(kv[0])):  # the longest key that matches
+        if f"flag {key}=" in message:
+            kind = _KINDS.get(type(value), f"a {type(value).__name__}")
+            return f"{message} (expected {kind}, like {key}={value!r})"
+    return re.sub(r"^flags [^:]*: ", "", message)  # a multi-flag validator's message names the flags itself
+
+
+_KINDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string", tuple: "a tuple"}
+
+
+def _dotted_values(config, prefix: str) -> dict:
+    """{"PREFIXa.b": value} for every leaf field of `config`."""
+    import ml_collections
+
+    out = {}
+    for k, v in config.items():
+        if isinstance(v, ml_collections.ConfigDict):
+            out.update(_dotted_values(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def run_absl(main: Callable, config_flag: str = "config") -> None:
-    """absl's app.run(main) for a script with an ml_collections config flag: a config flag that fails while
-    the flags are parsed (an unknown --config.key, a missing file) ends in one line too."""
-    from absl import app
+    """absl's app.run(main) for a script with an ml_collections config flag: a flag that fails while the
+    flags are parsed (an unknown flag or --config.key, a value of the wrong type, a missing config file) ends
+    in one line too, naming the flag and the close names or the expected type."""
+    from absl import app, flags
+
+    def parse(argv):
+        try:
+            return flags.FLAGS(argv)
+        except flags.Error as e:
+            if debug_requested():
+                raise
+            print(f"error: {_flag_error_line(e, config_flag)}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
 
     try:
-        app.run(main)
+        app.run(main, flags_parser=parse)
     except Exception as exc:
         if debug_requested():
             raise

@@ -16,14 +16,12 @@ changed since the save, or non-finite values) is refused. Errors in the inputs e
 code 2 (--debug or LQSEG_DEBUG=1: the traceback).
 """
 
-import logging
 from pathlib import Path
 
 from absl import app, flags
-from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from lqseg_jax.cli import flag_config, report_errors, run_absl
+from lqseg_jax.cli import flag_config, report_errors, run_absl, setup_logging
 from lqseg_jax.train.distributed import initialize_from_env
 
 config_flags.DEFINE_config_file("config", None, "experiment config file[:variant]", lock_config=True)
@@ -40,8 +38,7 @@ flags.mark_flags_as_required(["config"])
 @report_errors
 def main(argv):
     del argv
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save step at INFO
+    setup_logging()
     initialize_from_env()
     from lqseg_jax.eval.evaluate import evaluate, load_converted_state, restore_workdir
     from lqseg_jax.eval.robustness import robustness_curve

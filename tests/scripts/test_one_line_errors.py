@@ -2,6 +2,7 @@
 and change nothing on disk; --debug shows the traceback. The cases fail before any model is built."""
 
 import fcntl
+import json
 import os
 import subprocess
 import sys
@@ -147,3 +148,39 @@ def test_half_an_array_record_shard_is_named(tmp_path):
         DataError, match=rf"shard {shard} cannot be opened .*expected a complete ArrayRecord file"
     ):
         records.RecordSource(tmp_path / "rec" / "validation")
+
+
+@pytest.mark.parametrize(
+    "flag, expected",
+    [
+        (
+            "--config.optimizer.lr=abc",
+            "error: flag --config.optimizer.lr=abc: could not convert string to float: 'abc' (expected a number, "
+            "like --config.optimizer.lr=0.0006)",
+        ),
+        (
+            "--confg.total_steps=3",
+            "error: unknown flag --confg.total_steps; did you mean --config.total_steps",
+        ),
+    ],
+)
+def test_flag_parsing_errors_name_the_flag_and_the_close_match(tmp_path, repo, flag, expected):
+    workdir = tmp_path / "run"
+    last = run(
+        repo, "scripts/train.py", "--config", "configs/daformer.py:tiny", "--workdir", str(workdir), flag
+    )
+    assert last.startswith(expected), last
+    assert not workdir.exists()
+
+
+def test_print_config_prints_the_resolved_config_and_creates_nothing(tmp_path, repo):
+    p = subprocess.run(
+        [sys.executable, "scripts/train.py", "--config", "configs/demo.py:rass", "--config.total_steps=7",
+         "--print_config", "--workdir", str(tmp_path / "run")],
+        cwd=repo, env=env(1), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
+    printed = json.loads(p.stdout)
+    assert printed == json.loads(load_config("configs/demo.py:rass", total_steps=7).to_json_best_effort())
+    assert printed["total_steps"] == 7 and printed["system"] == "rass"
+    assert not (tmp_path / "run").exists()
