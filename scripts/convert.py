@@ -1,8 +1,9 @@
 """Converts released PyTorch checkpoints into our NNX state (saved with orbax).
 
 Each converter module in lqseg_jax/convert/ that defines `register_cli(subparsers)` adds one
-subcommand; `python scripts/convert.py --help` lists them. Errors in the inputs end in one line and exit
-code 2 (--debug before the format, or LQSEG_DEBUG=1: the traceback).
+subcommand; `python scripts/convert.py --help` lists them. Every subcommand reads --src and writes --out
+(`mask2former CHECKPOINT OUT`, the old positional form, still works with a deprecation note). Errors in the
+inputs end in one line and exit code 2 (--debug before the format, or LQSEG_DEBUG=1: the traceback).
 """
 
 import argparse
@@ -10,11 +11,11 @@ import importlib
 import pkgutil
 
 import lqseg_jax.convert
-from lqseg_jax.cli import add_debug_flag, report_errors
+from lqseg_jax.cli import add_debug_flag, report_errors, setup_logging
 
 
-@report_errors
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
+    """The parser with one subcommand per converter module that defines `register_cli(subparsers)`."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -24,7 +25,13 @@ def main(argv=None):
         if hasattr(module, "register_cli"):
             module.register_cli(sub)
     add_debug_flag(parser)
-    args = parser.parse_args(argv)
+    return parser
+
+
+@report_errors
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    setup_logging()
     args.run(args)
 
 

@@ -14,7 +14,7 @@ import math
 import jax
 from flax import nnx
 
-from lqseg_jax.cli import add_debug_flag, report_errors
+from lqseg_jax.cli import add_debug_flag, report_errors, setup_logging
 from lqseg_jax.models.tracing import abstract_model, param_count
 from lqseg_jax.systems import get_system
 from lqseg_jax.train.config import load_config
@@ -59,6 +59,7 @@ def main(argv=None):
     )
     add_debug_flag(parser)
     args = parser.parse_args(argv)
+    setup_logging()
     print(json.dumps(count(load_config(args.config), breakdown=args.breakdown)))
 
 

@@ -17,7 +17,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from lqseg_jax.cli import add_debug_flag, check_output_outside_input, report_errors
+from lqseg_jax.cli import add_debug_flag, check_output_outside_input, report_errors, setup_logging
 from lqseg_jax.data_pipelines.degradation import PRESETS
 from lqseg_jax.data_pipelines.degradation.dataset import degrade_split, list_images, read_rgb, severity_grid
 
@@ -58,6 +58,7 @@ def main(argv=None):
     parser.add_argument("--no-progress", action="store_true")
     add_debug_flag(parser)
     args = parser.parse_args(argv)
+    setup_logging()
     for flag, value in (("--batch-size", args.batch_size), ("--pad-to", args.pad_to)):
         if value < 1:
             parser.error(f"{flag} {value}: expected a positive integer")

@@ -27,7 +27,7 @@ them. Re-running replaces a split atomically.
 import argparse
 import os
 
-from lqseg_jax.cli import add_debug_flag, check_output_outside_input, report_errors
+from lqseg_jax.cli import add_debug_flag, check_output_outside_input, report_errors, setup_logging
 from lqseg_jax.data_pipelines import refign_matching, refign_sources
 from lqseg_jax.data_pipelines.ade20k import prepare_ade20k
 
@@ -136,6 +136,7 @@ def main(argv=None) -> None:
     _add_refign_parsers(sub)
     add_debug_flag(parser)
     args = parser.parse_args(argv)
+    setup_logging()
     check_output_outside_input(args.out, args.src, src_flag="--src")
     splits = [s for s in args.splits.split(",") if s]
     if args.dataset == "ade20k":

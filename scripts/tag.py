@@ -17,6 +17,7 @@ from pathlib import Path
 import jax
 from tqdm.auto import tqdm
 
+from lqseg_jax.cli import add_debug_flag, report_errors, setup_logging
 from lqseg_jax.data_pipelines.pipeline import eval_batches
 from lqseg_jax.data_pipelines.sources import build_source
 from lqseg_jax.data_pipelines.synthetic import ensure_data
@@ -51,6 +52,7 @@ def tag_split(config, split: str, out: str | Path, *, progress: bool = True) -> 
     return tags
 
 
+@report_errors
 def main(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -62,7 +64,9 @@ def main(argv=None):
     parser.add_argument("--split", default="", help="dataset split (default: config.eval.split)")
     parser.add_argument("--data-root", default="", help="dataset folder (default: config.data.root)")
     parser.add_argument("--out", required=True, help="tags file to write (JSON)")
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
+    setup_logging()
     config = load_config(args.config)
     config.prompt.mode = "ram"
     if args.ram:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import re
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -164,16 +165,32 @@ def _run(args: argparse.Namespace) -> None:
     if args.in_channels is not None:
         overrides["in_channels"] = tuple(int(c) for c in args.in_channels.split(","))
     cfg = rass_config(**overrides)
+    src, out_dir = _src_and_out(args)
     head = nnx.eval_shape(lambda: Mask2FormerHead(cfg, nnx.Rngs(0)))  # abstract: filled by the checkpoint
-    sd = _load_checkpoint(Path(args.checkpoint), args.trust_pickle)
+    sd = _load_checkpoint(Path(src), args.trust_pickle)
     convert = convert_detectron2 if args.source_format == "detectron2" else convert_transformers
-    ignored = convert(head, sd, source=str(args.checkpoint))
+    ignored = convert(head, sd, source=str(src))
     out = save_converted(
-        args.out,
-        head,
-        {"source": str(args.checkpoint), "format": args.source_format, "config": dataclasses.asdict(cfg)},
+        out_dir, head, {"source": str(src), "format": args.source_format, "config": dataclasses.asdict(cfg)}
     )
-    print(f"converted {args.checkpoint} -> {out} ({len(ignored)} keys outside the head ignored)")
+    print(f"converted {src} -> {out} ({len(ignored)} keys outside the head ignored)")
+
+
+def _src_and_out(args: argparse.Namespace) -> tuple[str, str]:
+    """--src and --out, or the deprecated positional CHECKPOINT OUT (with a note on stderr)."""
+    if args.legacy:
+        if args.src is not None or args.out is not None or len(args.legacy) != 2:
+            raise ValueError(
+                f"convert.py mask2former: unexpected arguments {args.legacy}; expected --src CHECKPOINT --out OUT"
+            )
+        print(
+            "note: `convert.py mask2former CHECKPOINT OUT` is deprecated; use --src CHECKPOINT --out OUT",
+            file=sys.stderr,
+        )
+        return args.legacy[0], args.legacy[1]
+    if args.src is None or args.out is None:
+        raise ValueError("convert.py mask2former: --src CHECKPOINT and --out OUT are required")
+    return args.src, args.out
 
 
 def register_cli(subparsers) -> None:
@@ -183,8 +200,9 @@ def register_cli(subparsers) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("checkpoint", help=".pth/.pkl (detectron2, RASS) or .safetensors/.bin (transformers)")
-    p.add_argument("out", help="output folder (orbax state + meta.json)")
+    p.add_argument("--src", help=".pth/.pkl (detectron2, RASS) or .safetensors/.bin (transformers)")
+    p.add_argument("--out", help="output folder (orbax state + meta.json)")
+    p.add_argument("legacy", nargs="*", help=argparse.SUPPRESS)  # deprecated: CHECKPOINT OUT
     p.add_argument("--source-format", choices=("detectron2", "transformers"), default="detectron2")
     p.add_argument("--num-classes", type=int, default=None, help="default: 150 (ADE20K, RASS)")
     p.add_argument(
