@@ -98,9 +98,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         dict(mode="tags", text="", tags_file="", suffix="", cache_size=1024)  # suffix: pos_prompt_vsd
     )
     # mode "ram": the converted tagger (default pretrained.path/ram), its compute dtype, RASS's fp16-rounded
-    # sigmoid before the thresholds; `model` is the tagger's RAMConfig (for conversion and counts).
+    # sigmoid before the thresholds; train_mode: the tagger in train mode in training steps (drop-path and
+    # dropout, as the original's: ram.md 1.6); `model` is the tagger's RAMConfig (for conversion and counts).
     c.prompt.ram = ml_collections.ConfigDict(
-        dict(path="", dtype="float32", fp16_sigmoid=True, model=dataclasses.asdict(RAMConfig()))
+        dict(
+            path="",
+            dtype="float32",
+            fp16_sigmoid=True,
+            train_mode=False,
+            model=dataclasses.asdict(RAMConfig()),
+        )
     )
     c.degradation.enabled = True  # RASS's online Real-ESRGAN degradation of the training crops
     c.degradation.preset = "rass"

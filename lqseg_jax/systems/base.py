@@ -3,6 +3,13 @@
 The training loop knows systems only through this interface, so it holds no model-specific branch.
 A system never reads files: the loop hands it device batches {"image": (b, h, w, 3) uint8,
 "label": (b, h, w) uint8} and a PRNG key.
+
+Frozen networks: a system may run networks beside its model that are never trained, checkpointed or
+optimised (a tagger and a text encoder computing prompts in the step). It returns them, loaded, from
+`frozen_networks`; the trainer places their parameters replicated on the mesh once, and every device batch
+it builds (`Trainer.device_batch`) carries them as batch[FROZEN] = {name: module}, so the jitted train and
+evaluation steps take them as inputs (not as compile-time constants) and `loss` / `predict_batch` call them.
+A system without frozen networks sees no FROZEN entry.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import ml_collections
 from flax import nnx
 
 IGNORE = 255
+FROZEN = "frozen"  # the device batch's entry holding the system's frozen networks
 BATCH_AXES = ("data", "fsdp")  # = lqseg_jax.train.mesh.BATCH_AXES (systems do not import the trainer)
 
 
@@ -69,6 +77,11 @@ class System(abc.ABC):
     def frozen_outside_model(self) -> dict[str, nnx.Module]:
         """Abstract (shape-only) copies of the frozen networks the system runs outside the model and its
         train state, by name (e.g. a text encoder used in `host_batch`); for parameter counts."""
+        return {}
+
+    def frozen_networks(self) -> dict[str, nnx.Module]:
+        """The frozen networks the jitted steps run beside the model, loaded, by name (module docstring):
+        they reach `loss` and `predict_batch` as batch[FROZEN]. Called once per trainer; default none."""
         return {}
 
     def host_batch(self, batch: dict[str, Any]) -> dict[str, Any]:

@@ -13,8 +13,8 @@ semantic inference (softmax classes x sigmoid masks) at the input size.
 Trainable (the `trainable` filter): the stage-2 LoRA factors, the whole unet.conv_in, the feature
 projections and the head. Frozen (in the train state's `rest`): the UNet base weights, the VAE.
 
-Text: the frozen CLIP text encoder is NOT in the model or the train state. It belongs to this system's
-`PromptProvider`, which runs on the host side (`host_batch`): each distinct prompt is encoded once and
+Text: the frozen CLIP text encoder is NOT in the model or the train state. In modes "empty", "fixed" and
+"tags" it belongs to this system's `PromptProvider`, which runs on the host side (`host_batch`): each distinct prompt is encoded once and
 cached, and the batch carries "text_emb" (b, 77, d). Keeping it out of the state saves its 340M
 parameters (1.4 GB fp32) in every checkpoint and in the optimizer's bookkeeping, and it is never
 differentiated. It is (re)loaded from the config's paths when a prompt is first needed (training, resume,
@@ -29,13 +29,17 @@ Pretrained weights (`config.model.pretrained`):
 `config.model.tokenizer` names the CLIP tokenizer folder (default: pretrained.sd/tokenizer; a byte-level
 tokenizer for configs without pretrained text weights).
 
-Prompt mode "ram" (config.prompt.ram): RASS's own prompts. The converted RAM tagger (`scripts/convert.py ram`,
-or OUT/ram of `convert.py rass --tag-list --thresholds`; default pretrained.path/ram) runs on the device, in
-its own jitted call inside `host_batch`, on the batch's whole image as it reaches the system: the clean
-augmented crop in training, the padded low-quality canvas in evaluation (ram.md 1.2). Its tag string then
-goes through the prompt cleaning and the cached CLIP encoding like the other modes. The tagger is frozen,
-outside the model and the train state (like the text encoder), and runs in eval mode (deterministic tags;
-the original's training runs it in train mode, with drop-path and dropout: ram.md 1.6).
+Prompt mode "ram" (config.prompt.ram): RASS's own prompts, built inside the jitted train and evaluation
+steps. The converted RAM tagger (`scripts/convert.py ram`, or OUT/ram of `convert.py rass --tag-list
+--thresholds`; default pretrained.path/ram) and the CLIP text encoder are this system's frozen networks
+(`frozen_networks`: loaded once, replicated, never in the train state or a checkpoint; they reach the step
+as batch[FROZEN]). In the step the tagger sees each whole image as it reaches the system (the clean augmented
+crop in training, the padded low-quality canvas in evaluation: ram.md 1.2), its tag mask becomes the prompt's
+token ids on the device (`prompts.assemble_ids`: the ids the tokenizer gives the cleaned tag string), and
+the text encoder embeds them: no host round trip and no strings. The tagger runs in eval mode
+(deterministic tags) unless config.prompt.ram.train_mode, which reproduces the original's training quirk
+(ram.md 1.6): drop-path and dropout on, drawn from the step's key. `tag` is the host path of the same tags
+(scripts/tag.py writes them as a tags file for mode "tags").
 """
 
 from __future__ import annotations
@@ -54,8 +58,8 @@ from ..models.lora import LoRAParam, apply_lora, lora_layout, merge_lora
 from ..models.mask2former import Mask2FormerCriterion, rass_config, semantic_inference
 from ..models.ram import RAM, RAMConfig, preprocess, tag_strings, threshold_mask
 from ..models.rass_backbone import RASS, RASSConfig
-from .base import System, pixel_accuracy
-from .prompts import PromptProvider, byte_level_clip_tokenizer
+from .base import FROZEN, System, pixel_accuracy
+from .prompts import PromptProvider, PromptTokens, assemble_ids, byte_level_clip_tokenizer, prompt_tokens
 
 _UNET_CONV_IN = ("backbone", "feature_extractor", "sd", "unet", "conv_in")
 
@@ -103,7 +107,9 @@ class RASSSystem(System):
         self.model_config = model_config(config)
         self.criterion = Mask2FormerCriterion(self.model_config.head)
         self._prompts: PromptProvider | None = None
+        self._text: tuple | None = None
         self._tagger: tuple | None = None
+        self._prompt_tokens: PromptTokens | None = None
 
     def build_model(self, rngs: nnx.Rngs) -> RASS:
         return RASS(self.model_config, rngs=rngs)
@@ -151,9 +157,16 @@ class RASSSystem(System):
         return out
 
     @property
+    def text(self) -> tuple[CLIPTextModel, Any]:
+        """`text_encoder_and_tokenizer()`, loaded once."""
+        if self._text is None:
+            self._text = self.text_encoder_and_tokenizer()
+        return self._text
+
+    @property
     def prompts(self) -> PromptProvider:
         if self._prompts is None:
-            text_encoder, tokenizer = self.text_encoder_and_tokenizer()
+            text_encoder, tokenizer = self.text
             max_len = tokenizer.model_max_length
 
             def encode(prompt: str) -> np.ndarray:
@@ -208,9 +221,44 @@ class RASSSystem(System):
         model, tags, thresholds, mask = self.tagger
         return tag_strings(np.asarray(mask(model, jnp.asarray(images), thresholds)), tags)
 
+    def frozen_networks(self) -> dict[str, nnx.Module]:
+        """Prompt mode "ram": the tagger and the text encoder, which build the prompts inside the steps."""
+        if self.config.prompt.mode != "ram":
+            return {}
+        return {"ram": self.tagger[0], "text_encoder": self.text[0]}
+
+    @property
+    def prompt_tokens(self) -> PromptTokens:
+        """Every tag's prompt ids and the suffix's (prompts.prompt_tokens), for the tagger's tag list."""
+        if self._prompt_tokens is None:
+            text_encoder, tokenizer = self.text
+            if tokenizer.model_max_length > text_encoder.config.max_position_embeddings:
+                raise ValueError(
+                    f"tokenizer model_max_length {tokenizer.model_max_length} exceeds the text encoder's "
+                    f"{text_encoder.config.max_position_embeddings} positions"
+                )
+            self._prompt_tokens = prompt_tokens(tokenizer, self.tagger[1], self.config.prompt.suffix)
+        return self._prompt_tokens
+
+    def ram_text_embeddings(self, batch: dict, images: jax.Array, key: jax.Array | None = None) -> jax.Array:
+        """Prompt mode "ram", inside a jitted step: the frozen tagger's tags of whole images (b, h, w, 3) in
+        [0, 255], their prompt ids, and the frozen text encoder's embeddings (b, tokens, d), no gradient.
+        Given `key` and config.prompt.ram.train_mode, the tagger runs in train mode (drop-path, dropout)."""
+        r = self.config.prompt.ram
+        ram, text_encoder = batch[FROZEN]["ram"], batch[FROZEN]["text_encoder"]
+        if key is not None and r.train_mode:
+            ram = nnx.clone(ram)  # this step's own copy, switched to train mode and seeded from the step
+            ram.train()
+            nnx.reseed(ram, dropout=key)
+        x = images.astype(jnp.float32) / 255.0 * 2.0 - 1.0  # (b, h, w, 3) in [-1, 1], as RASS feeds RAM
+        logits = ram(preprocess(x, ram.config.image_size))  # (b, K)
+        mask = threshold_mask(logits, self.tagger[2], fp16_sigmoid=bool(r.fp16_sigmoid))  # (b, K)
+        ids = assemble_ids(mask, self.prompt_tokens)  # (b, tokens)
+        return jax.lax.stop_gradient(text_encoder(ids).astype(jnp.float32))  # (b, tokens, d)
+
     def host_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
         if self.config.prompt.mode == "ram":
-            return {**batch, "text_emb": self.prompts.captions(self.tag(batch["image"]))}  # (b, tokens, d)
+            return batch  # the prompts are built in the step (ram_text_embeddings)
         if self.config.prompt.mode == "tags":
             if "name" not in batch:
                 raise ValueError(
@@ -226,18 +274,27 @@ class RASSSystem(System):
     def loss(self, model, batch, rng):
         lq, _hq = self.training_images(batch, rng)  # (b, H, W, 3) in [0, 255]; _hq: the clean target
         k_latent, k_criterion = jax.random.fold_in(rng, 1), jax.random.fold_in(rng, 2)
-        outputs = model(lq / 127.5 - 1.0, batch["text_emb"], k_latent)  # LQ mapped to [-1, 1]
+        if self.config.prompt.mode == "ram":  # tags of the clean crop (ram.md 1.2)
+            text = self.ram_text_embeddings(batch, batch["image"], jax.random.fold_in(rng, 3))
+        else:
+            text = batch["text_emb"]  # (b, tokens, d) from host_batch
+        outputs = model(lq / 127.5 - 1.0, text, k_latent)  # LQ mapped to [-1, 1]
         loss, metrics = self.criterion.loss(outputs, batch["label"], k_criterion)
         scores = semantic_inference(outputs, batch["label"].shape[1:3])  # (b, H, W, K)
         metrics = {k: v for k, v in metrics.items() if k in ("loss_ce", "loss_mask", "loss_dice")}
         return loss, {**metrics, "pixel_acc": pixel_accuracy(jnp.argmax(scores, -1), batch["label"])}
 
     def predict_batch(self, model, batch):
-        """Class scores (b, H, W, K) for batch["image"] (uint8) with batch["text_emb"]; sliding-window
-        backbone when config.model.slide_inference. The posterior sample uses a key from config.seed."""
+        """Class scores (b, H, W, K) for batch["image"] (uint8) with batch["text_emb"] (prompt mode "ram": the
+        tags of batch["image"], the whole padded canvas); sliding-window backbone when
+        config.model.slide_inference. The posterior sample uses a key from config.seed."""
         x = batch["image"].astype(jnp.float32) / 255.0 * 2.0 - 1.0  # (b, H, W, 3)
         key = jax.random.key(self.config.seed)
-        outputs = model(x, batch["text_emb"], key, slide=self.config.model.slide_inference)
+        if self.config.prompt.mode == "ram":
+            text = self.ram_text_embeddings(batch, batch["image"])  # (b, tokens, d)
+        else:
+            text = batch["text_emb"]  # (b, tokens, d)
+        outputs = model(x, text, key, slide=self.config.model.slide_inference)
         return semantic_inference(outputs, x.shape[1:3], padded_hw=x.shape[1:3])  # (b, H, W, K)
 
     def predict(self, model, images):

@@ -4,11 +4,14 @@ TrainState = (step, params, rest, opt_state, ema): `params` are the leaves the s
 filter selects, `rest` is everything else in the model (frozen parameters, batch statistics, RNG state).
 The step is `train_step(state, batch, rng) -> (state, metrics)`, jitted once with explicit in/out
 shardings and the state donated. Randomness inside the step comes only from `rng`, which the loop
-derives from (seed, step), so a resumed run replays the same stream.
+derives from (seed, step), so a resumed run replays the same stream. The system's frozen networks
+(`System.frozen_networks`: never in the state) are placed replicated once and ride in every device batch
+as batch[FROZEN]; the step takes them as a replicated input beside the batch.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -23,6 +26,7 @@ from jax.sharding import Mesh
 
 from ..models.tracing import abstract_model, fast_init_tracing, light_compilation, param_count
 from ..systems import get_system
+from ..systems.base import FROZEN
 from .mesh import batch_sharding, make_mesh, replicated, state_shardings
 from .optim import build_optimizer
 
@@ -95,17 +99,38 @@ class Trainer:
         )
         self.batch_sharding = batch_sharding(self.mesh)
         self._base_key = jax.random.key(config.seed)
+        repl = replicated(self.mesh)
         self._train_step_jit = jax.jit(
             self._train_step,
-            in_shardings=(self.state_sharding, self.batch_sharding, replicated(self.mesh)),
-            out_shardings=(self.state_sharding, replicated(self.mesh)),
+            in_shardings=(self.state_sharding, self.batch_sharding, repl),
+            out_shardings=(self.state_sharding, repl),
+            donate_argnums=0,
+        )
+        # the same step for systems with frozen networks, which come in replicated beside the batch
+        self._train_step_frozen_jit = jax.jit(
+            self._train_step,
+            in_shardings=(self.state_sharding, self.batch_sharding, repl, repl),
+            out_shardings=(self.state_sharding, repl),
             donate_argnums=0,
         )
 
     def train_step(self, state: TrainState, batch: dict, rng: jax.Array) -> tuple[TrainState, dict]:
         """The jitted step, traced under this trainer's mesh (kernels shard_map over it)."""
         with jax.set_mesh(self.mesh):
+            if FROZEN in batch:
+                data = {k: v for k, v in batch.items() if k != FROZEN}
+                return self._train_step_frozen_jit(state, data, rng, batch[FROZEN])
             return self._train_step_jit(state, batch, rng)
+
+    @functools.cached_property
+    def frozen(self) -> dict[str, nnx.Module]:
+        """The system's frozen networks (`System.frozen_networks`), loaded once, replicated on the mesh."""
+        out = {}
+        for name, network in self.system.frozen_networks().items():
+            graphdef, state = nnx.split(network)
+            state = place_host_tree(state, jax.tree.map(lambda _: replicated(self.mesh), state))
+            out[name] = nnx.merge(graphdef, state)
+        return out
 
     # ---------------------------------------------------------------- state
     def _new_model(self) -> nnx.Module:
@@ -154,12 +179,14 @@ class Trainer:
 
     def device_batch(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """This process's numpy batch (plus the system's host additions) -> global arrays sharded along the
-        batch axes; non-numeric entries (names) stay on the host."""
-        return {
+        batch axes; non-numeric entries (names) stay on the host. The system's frozen networks, if any,
+        come along as batch[FROZEN]."""
+        out = {
             k: jax.make_array_from_process_local_data(self.batch_sharding, v)
             for k, v in self.system.host_batch(local_batch).items()
             if isinstance(v, np.ndarray) and v.dtype.kind in "biuf"
         }
+        return {**out, FROZEN: self.frozen} if self.frozen else out
 
     def local_rows(self, x: jax.Array) -> np.ndarray:
         """This process's rows of a batch-sharded global array, in its local batch order."""
@@ -170,7 +197,11 @@ class Trainer:
         )
 
     # ---------------------------------------------------------------- step
-    def _train_step(self, state: TrainState, batch: dict, rng: jax.Array) -> tuple[TrainState, dict]:
+    def _train_step(
+        self, state: TrainState, batch: dict, rng: jax.Array, frozen: dict | None = None
+    ) -> tuple[TrainState, dict]:
+        if frozen is not None:
+            batch = {**batch, FROZEN: frozen}
         # copy=True: fresh Variables owned by this trace, so the model may update its RNG counts and BN stats.
         reseeded = nnx.merge(self.graphdef, state.params, state.rest, copy=True)
         nnx.reseed(reseeded, dropout=jax.random.fold_in(rng, 1))  # dropout/drop-path from (seed, step)

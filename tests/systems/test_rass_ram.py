@@ -1,12 +1,14 @@
 """Prompt mode "ram": `scripts/convert.py rass --tag-list --thresholds` on a RASS-shaped checkpoint whose
 ram.* / dape.* keys carry ram_ckpt_keys.txt's 1,290 names each (narrow widths, real depths, 4,585 tags),
 then the converted model evaluated on the synthetic data with prompts tagged on the device from each whole
-padded image; the prompt of each image is the cleaned, CLIP-encoded tag string of the converted tagger.
+padded image, inside the evaluation step; the prompt of each image is the cleaned, CLIP-encoded tag string
+of the converted tagger.
 """
 
 import dataclasses
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -16,6 +18,7 @@ from flax import nnx
 from lqseg_jax.convert.rass import convert_file as convert_rass_file
 from lqseg_jax.eval.evaluate import evaluate, load_converted_state
 from lqseg_jax.models.ram import preprocess, tag_strings, threshold_mask
+from lqseg_jax.systems.base import FROZEN
 from lqseg_jax.systems.prompts import clean_caption, write_byte_level_tokenizer
 from tests.models.test_ram_convert import NARROW, fake_tag_files, rass_like_state
 from tests.systems.test_rass import micro_config
@@ -61,18 +64,24 @@ def test_convert_with_tagger_then_evaluate_with_ram_prompts(reference, tmp_path,
     assert system.ram_folder() == out / "ram"
 
     # the tags of an image: the converted tagger on the whole image in [-1, 1], thresholded in index order
-    image = np.random.default_rng(0).integers(0, 256, size=(2, 40, 56, 3), dtype=np.uint8)
+    image = np.random.default_rng(0).integers(0, 256, size=(8, 40, 56, 3), dtype=np.uint8)
     ram, tag_list, thresholds, _ = system.tagger
     x = jnp.asarray(image, jnp.float32) / 255.0 * 2.0 - 1.0
     direct = nnx.jit(lambda m, x, t: threshold_mask(m(preprocess(x, NARROW.image_size)), t))
-    mask = np.asarray(direct(ram, x, thresholds))  # (2, 4585)
+    mask = np.asarray(direct(ram, x, thresholds))  # (8, 4585)
     expected = tag_strings(mask, tag_list)
     assert system.tag(image) == expected
     assert 0 < mask.sum() < mask.size and expected[0] != expected[1]  # some tags fire, per image
-    emb = system.host_batch({"image": image})["text_emb"]  # (2, 77, 16)
+    # in the step: the frozen tagger and text encoder ride in the device batch; the prompt ids are assembled
+    # on the device; the embeddings equal the host path's (tokenizer on the cleaned string, text encoder)
+    batch = trainer.device_batch({"image": image})
+    assert set(batch) == {"image", FROZEN} and set(batch[FROZEN]) == {"ram", "text_encoder"}
+    emb = jax.jit(lambda b: system.ram_text_embeddings(b, b["image"]))(batch)  # (8, 77, 16)
     provider = system.prompts
-    for i in range(2):
-        np.testing.assert_array_equal(emb[i], provider.embedding(clean_caption(f"{expected[i]}, ")))
+    for i in range(8):
+        host = provider.embedding(clean_caption(f"{expected[i]}, "))  # (77, 16)
+        np.testing.assert_allclose(np.asarray(emb[i]), host, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(emb[0], emb[1], atol=1e-3)
     with pytest.raises(ValueError, match="per-image prompts"):
         system.predict(None, image)
 
