@@ -10,6 +10,7 @@ line or LQSEG_DEBUG=1 in the environment shows the traceback of every error.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import re
 import sys
@@ -161,20 +162,29 @@ def setup_logging() -> None:
     absl's own handler is taken off the root logger (app.run puts it there) so that each line is printed
     once, in one format; calling this again changes nothing.
     """
-    import logging
-
     from absl import logging as absl_logging
 
     root = logging.getLogger()
     root.removeHandler(absl_logging.get_absl_handler())
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax and grain log every save and read at INFO
-    if not any(getattr(h, "_lqseg", False) for h in root.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(h, _StderrHandler) for h in root.handlers):
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
-        handler._lqseg = True
         root.addHandler(handler)
     root.setLevel(logging.WARNING)
     logging.getLogger("lqseg_jax").setLevel(logging.INFO)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """A StreamHandler on whatever sys.stderr is when a line is written (a test may swap it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        del value
 
 
 def _flag_error_line(e: BaseException, config_flag: str) -> str:
