@@ -7,7 +7,8 @@ Variants (`--config configs/refign.py:VARIANT`; append `,source_only` for the so
          AdamW head 6e-4 / backbone 6e-5, wd 0.01 (0 on 1-D), warmup 1500 then linear to 0 at 40k.
   "darkzurich": the same with Dark Zurich (540x960) as target.
   "robotcar": Cityscapes -> RobotCar pairs (720x720, 512 crops), 20k steps, validation every 2000 steps over
-         present classes (the labelled RobotCar half of refign's batch is not part of this step).
+         present classes; batch 2 Cityscapes + 2 labelled RobotCar (rotation 10 deg, torchvision
+         ColorJitter(0.25, 0.25, 0.25, 0.1), no cat-max check; dropped from the step with p 0.5) + 2 pairs.
   "tiny": MiT-B0 with a 64-wide head, random init, on the synthetic paired data (Cityscapes-layout scenes ->
          ACDC-layout night/fog/rain), 64x64 crops, batch 8 + 8, 300 steps (tests, demo).
 Evaluation (scripts/eval.py, eval_every) is on the target's val split (eval.source / eval.root): ACDC,
@@ -49,6 +50,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             ema_momentum=0.999,
             teacher_dropout=True,  # refign's quirk; False as DAFormer/HRDA (teacher dropout and drop-path off)
             pseudo_threshold=0.968,
+            labelled_drop_p=0.5,  # refign ignore_every_second_semantic_training_batch (labelled target only)
             classmix_per_image=False,  # True: candidate classes of each source image instead of the batch
             color_jitter_p=0.2,
             color_jitter_strength=0.2,
@@ -75,6 +77,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.target = "acdc"
     c.data.target_root = "data/acdc"
     c.data.target_size = (540, 960)
+    c.data.target_split = "train"
+    c.data.labelled_target = ml_collections.ConfigDict(
+        dict(enabled=False, split="train", rotation=10.0, jitter=(0.25, 0.25, 0.25, 0.1))
+    )
     c.eval.split = "val"
     c.eval.scale = (960, 540)
 
@@ -97,6 +103,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.data.target = "robotcar"
         c.data.target_root = "data/robotcar"
         c.data.target_size = (720, 720)
+        c.data.target_split = "pairs"
+        c.data.labelled_target.enabled = True
         c.eval.scale = ()
         c.total_steps = 20_000
         c.checkpoint.every = 2000

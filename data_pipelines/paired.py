@@ -7,7 +7,9 @@ contiguous block, and the iterator state ({"next_index": ...}) resumes the strea
 
 UDA batch (this process's part), the keys of refign's training step (refign.md 7):
     image_src (bs, h, w, 3) uint8, label_src (bs, h, w) uint8 train ids (255 = ignore),
-    image_trg (bt, h, w, 3) uint8, image_ref (bt, h, w, 3) uint8 (target and reference share crop and flip)
+    image_trg (bt, h, w, 3) uint8, image_ref (bt, h, w, 3) uint8 (target and reference share crop and flip),
+    with a labelled target (RobotCar, refign.md O8) also image_lab (bl, h, w, 3) uint8, label_lab (bl, h, w)
+    uint8, blank_lab (bl, h, w) bool (rotated-in pixels, zeroed after normalisation)
 """
 
 from __future__ import annotations
@@ -38,25 +40,30 @@ def _resize(image: np.ndarray, size: tuple[int, int], resample) -> np.ndarray:
 @dataclasses.dataclass(frozen=True)
 class PairedDecode:
     """Record -> {"image" (h, w, 3) uint8, "label" (h, w) uint8 if labelled, "reference" (h, w, 3) uint8 if
-    paired, "name"}. With `size` (h, w) every image is resized to it at load as refign's `dims` (PIL
-    bilinear for images, nearest for labels); otherwise a reference of another size is resized to the
-    image's."""
+    paired, "name"}. With `size` (h, w) every image is resized to it at load as refign's `dims` (PIL bilinear
+    for images, nearest for labels); otherwise a reference of another size is resized to the image's.
+    Decoding errors name the record's "image_path" / "label_path" / "reference_path" (full paths) when it
+    has them, else its name."""
 
     num_classes: int
     size: tuple[int, int] | None = None
 
     def __call__(self, record: dict) -> dict:
         name = record["name"]
-        image = decode_image(record["image"], name)  # (h, w, 3)
+        where = record.get("image_path") or name  # errors name the file (the record, for prepared records)
+        image = decode_image(record["image"], where)  # (h, w, 3)
         size = tuple(self.size) if self.size is not None else image.shape[:2]
         out = {"image": _resize(image, size, Image.BILINEAR), "name": name}
         if record.get("label"):
-            label = decode_label(record["label"], name, "identity", self.num_classes)  # (h, w)
+            label_where = record.get("label_path") or f"of {where}"
+            label = decode_label(record["label"], label_where, "identity", self.num_classes)  # (h, w)
             if label.shape != image.shape[:2]:
-                raise DataError(f"label of {name} is {label.shape} but the image is {image.shape[:2]}")
+                raise DataError(
+                    f"label {label_where} is {label.shape} but the image {where} is {image.shape[:2]}"
+                )
             out["label"] = _resize(label, size, Image.NEAREST)
         if record.get("reference"):
-            ref = decode_image(record["reference"], f"reference of {name}")
+            ref = decode_image(record["reference"], record.get("reference_path") or f"reference of {where}")
             out["reference"] = _resize(ref, size, Image.BILINEAR)  # (h, w, 3)
         return out
 
@@ -106,7 +113,119 @@ class PairedAugment:
         return out
 
 
-def _examples(source, decode: PairedDecode, augment: PairedAugment, seed: int) -> grain.MapDataset:
+# ------------------------------------------------------------------ labelled target (RobotCar, refign.md O8)
+
+
+def _blend(a: np.ndarray, b: np.ndarray, ratio: float) -> np.ndarray:
+    """torchvision `_blend` on uint8: (ratio a + (1 - ratio) b) in fp32, clamped to [0, 255], truncated."""
+    out = np.float32(ratio) * a.astype(np.float32) + np.float32(1.0 - ratio) * b.astype(np.float32)
+    return np.clip(out, 0.0, 255.0).astype(np.uint8)
+
+
+def _grey(image: np.ndarray) -> np.ndarray:
+    """torchvision `rgb_to_grayscale` on uint8: 0.2989 r + 0.587 g + 0.114 b in fp32, truncated. (h, w, 1)"""
+    r, g, b = (image[..., i].astype(np.float32) for i in range(3))
+    return (np.float32(0.2989) * r + np.float32(0.587) * g + np.float32(0.114) * b).astype(np.uint8)[
+        ..., None
+    ]
+
+
+def _adjust_hue(image: np.ndarray, factor: float) -> np.ndarray:
+    """torchvision `adjust_hue` on uint8: /255, RGB -> HSV, h = (h + factor) mod 1, HSV -> RGB, *255 truncated."""
+    x = image.astype(np.float32) / np.float32(255.0)  # (h, w, 3)
+    maxc, minc = x.max(-1), x.min(-1)
+    r, g, b = x[..., 0], x[..., 1], x[..., 2]
+    eqc = maxc == minc
+    cr = maxc - minc
+    s = cr / np.where(eqc, np.float32(1.0), maxc)
+    div = np.where(eqc, np.float32(1.0), cr)
+    rc, gc, bc = (maxc - r) / div, (maxc - g) / div, (maxc - b) / div
+    hr = (maxc == r) * (bc - gc)
+    hg = ((maxc == g) & (maxc != r)) * (np.float32(2.0) + rc - bc)
+    hb = ((maxc != g) & (maxc != r)) * (np.float32(4.0) + gc - rc)
+    h = np.fmod((hr + hg + hb) / np.float32(6.0) + np.float32(1.0), np.float32(1.0))
+    h = np.mod(h + np.float32(factor), np.float32(1.0))
+    v = maxc
+    i = np.floor(h * np.float32(6.0))
+    f = h * np.float32(6.0) - i
+    i = i.astype(np.int32) % 6
+    p = np.clip(v * (np.float32(1.0) - s), 0.0, 1.0)
+    q = np.clip(v * (np.float32(1.0) - s * f), 0.0, 1.0)
+    t = np.clip(v * (np.float32(1.0) - s * (np.float32(1.0) - f)), 0.0, 1.0)
+    table = np.stack(
+        [np.stack(c, -1) for c in ((v, q, p, p, t, v), (t, v, v, q, p, p), (p, p, t, v, v, q))], -1
+    )  # (h, w, 6 sectors, 3 channels)
+    rgb = np.take_along_axis(table, i[..., None, None], axis=-2)[..., 0, :]  # (h, w, 3)
+    return (rgb * np.float32(255.0)).astype(np.uint8)
+
+
+def torchvision_color_jitter(image: np.ndarray, order: Sequence[int], factors: Sequence[float]) -> np.ndarray:
+    """torchvision ColorJitter on a uint8 (h, w, 3) image with given draws: `order` a permutation of
+    (0 brightness, 1 contrast, 2 saturation, 3 hue), `factors` (brightness, contrast, saturation, hue)."""
+    for op in order:
+        factor = float(factors[op])
+        if op == 0:
+            image = _blend(image, np.zeros_like(image), factor)
+        elif op == 1:
+            mean = np.float32(_grey(image).astype(np.float32).mean(dtype=np.float64))
+            image = _blend(image, np.full_like(image, mean, dtype=np.float32), factor)
+        elif op == 2:
+            image = _blend(image, _grey(image), factor)
+        else:
+            image = _adjust_hue(image, factor)
+    return image
+
+
+def _rotate(image: np.ndarray, angle: float, fill) -> np.ndarray:
+    """torchvision rotate of a PIL image: nearest, about the centre, same size, `fill` outside."""
+    return np.asarray(Image.fromarray(image).rotate(angle, Image.NEAREST, expand=False, fillcolor=fill))
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelledTargetAugment:
+    """refign's labelled RobotCar transforms (refign.md O8): RandomRotation(rotation) of image (fill 0) and
+    label (fill 255) with the rotated-in area as "blank" (h, w) bool (the step zeroes it after
+    normalisation), a random crop without the cat-max check, torchvision ColorJitter(*jitter), a flip."""
+
+    crop: tuple[int, int]
+    rotation: float = 10.0
+    jitter: tuple[float, float, float, float] = (0.25, 0.25, 0.25, 0.1)
+    flip_prob: float = 0.5
+
+    def __call__(self, example: dict, rng: np.random.Generator) -> dict:
+        if "label" not in example:
+            raise DataError(f"labelled target {example['name']}: no label (a labelled split is expected)")
+        angle = float(rng.uniform(-self.rotation, self.rotation))
+        h, w = example["image"].shape[:2]
+        rotated = {
+            "name": example["name"],
+            "image": _rotate(example["image"], angle, (0, 0, 0)),  # (h, w, 3)
+            "label": _rotate(example["label"], angle, IGNORE),  # (h, w)
+            "blank": _rotate(np.zeros((h, w), np.uint8), angle, 1),  # (h, w) 1 = rotated in
+        }
+        (ch, cw), fills = self.crop, {"image": 0, "label": IGNORE, "blank": 1}
+        y, x = crop_offsets(None, (h, w), self.crop, 1.0, rng)
+        out = {"name": example["name"]}
+        for key, fill in fills.items():
+            a = rotated[key][y : y + ch, x : x + cw]
+            pad = ((0, ch - a.shape[0]), (0, cw - a.shape[1])) + ((0, 0),) * (a.ndim - 2)
+            out[key] = np.pad(a, pad, constant_values=fill) if pad[0][1] or pad[1][1] else a
+        b, c, s, hue = self.jitter
+        order = rng.permutation(4)
+        factors = (
+            rng.uniform(max(0.0, 1 - b), 1 + b),
+            rng.uniform(max(0.0, 1 - c), 1 + c),
+            rng.uniform(max(0.0, 1 - s), 1 + s),
+            rng.uniform(-hue, hue),
+        )
+        out["image"] = torchvision_color_jitter(out["image"], order, factors)  # (ch, cw, 3)
+        if rng.random() < self.flip_prob:
+            out = {k: np.ascontiguousarray(v[:, ::-1]) if k != "name" else v for k, v in out.items()}
+        out["blank"] = out["blank"].astype(bool)
+        return out
+
+
+def _examples(source, decode: PairedDecode, augment, seed: int) -> grain.MapDataset:
     return grain.MapDataset.source(source).seed(seed).shuffle().repeat(None).map(decode).random_map(augment)
 
 
@@ -245,8 +364,8 @@ def rare_class_sampling(
 
 @dataclasses.dataclass(frozen=True)
 class UdaStep:
-    """Step t -> this process's block of source examples [t*Bs, (t+1)*Bs) and target examples
-    [t*Bt, (t+1)*Bt), stacked under refign's batch keys."""
+    """Step t -> this process's block of source examples [t*Bs, (t+1)*Bs), target examples [t*Bt, (t+1)*Bt)
+    and, with a labelled target stream, labelled examples [t*Bl, (t+1)*Bl), stacked under the batch keys."""
 
     source: object
     target: object
@@ -254,6 +373,8 @@ class UdaStep:
     target_batch: int  # global
     process_index: int
     process_count: int
+    labelled: object = None
+    labelled_batch: int = 0  # global
 
     def __call__(self, t: int) -> dict:
         t = int(t)
@@ -264,12 +385,19 @@ class UdaStep:
             raise DataError(
                 "UDA target examples need a reference (an ACDC / Dark Zurich / RobotCar-style source)"
             )
-        return {
+        batch = {
             "image_src": np.stack([x["image"] for x in src]),  # (bs, h, w, 3)
             "label_src": np.stack([x["label"] for x in src]),  # (bs, h, w)
             "image_trg": np.stack([x["image"] for x in trg]),  # (bt, h, w, 3)
             "image_ref": np.stack([x["reference"] for x in trg]),  # (bt, h, w, 3)
         }
+        if self.labelled is not None:
+            ll = self.labelled_batch // self.process_count
+            lab = [self.labelled[t * self.labelled_batch + self.process_index * ll + k] for k in range(ll)]
+            batch["image_lab"] = np.stack([x["image"] for x in lab])  # (bl, h, w, 3)
+            batch["label_lab"] = np.stack([x["label"] for x in lab])  # (bl, h, w)
+            batch["blank_lab"] = np.stack([x["blank"] for x in lab])  # (bl, h, w)
+        return batch
 
 
 def uda_dataset(
@@ -285,6 +413,9 @@ def uda_dataset(
     target_batch: int = 2,
     num_classes: int | None = None,
     rcs: dict | None = None,
+    labelled=None,
+    labelled_augment: LabelledTargetAugment | None = None,
+    labelled_batch: int = 2,
     process_index: int = 0,
     process_count: int = 1,
     num_threads: int = 4,
@@ -292,8 +423,10 @@ def uda_dataset(
 ) -> grain.IterDataset:
     """Infinite UDA batches (keys above) for this process: `source_batch` labelled source and `target_batch`
     target + reference examples per process per step (2 + 2 as refign). `rcs` (keyword arguments of
-    rare_class_sampling, at least stats_dir) turns on rare-class sampling of the source. The target stream
-    uses seed + 1. Resumable through the iterator state."""
+    rare_class_sampling, at least stats_dir) turns on rare-class sampling of the source. `labelled` (a
+    labelled target split, at target_size, `labelled_augment`) adds `labelled_batch` labelled target
+    examples per process per step. The target stream uses seed + 1, the labelled one seed + 2. Resumable
+    through the iterator state."""
     k = num_classes or source.num_classes
     src_decode, trg_decode = PairedDecode(k, source_size), PairedDecode(k, target_size)
     if rcs is not None:
@@ -303,8 +436,20 @@ def uda_dataset(
     else:
         src = _examples(source, src_decode, source_augment, seed)
     trg = _examples(target, trg_decode, target_augment, seed + 1)
+    lab = None
+    if labelled is not None:
+        if labelled_augment is None:
+            raise ValueError("uda_dataset: a labelled target stream needs labelled_augment")
+        lab = _examples(labelled, trg_decode, labelled_augment, seed + 2)
     step = UdaStep(
-        src, trg, source_batch * process_count, target_batch * process_count, process_index, process_count
+        src,
+        trg,
+        source_batch * process_count,
+        target_batch * process_count,
+        process_index,
+        process_count,
+        lab,
+        labelled_batch * process_count,
     )
     ds = grain.MapDataset.range(_BIG).map(step)
     return ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch))

@@ -5,7 +5,8 @@ Pipelines (config.data.pipeline):
     "supervised"  one labelled source (data.source at data.root), `train_augment(config.data)`, batch keys
                   image, label (pipeline.train_dataset); the iterator's index counts examples
     "uda"         labelled source + target with references (paired.uda_dataset, batch keys image_src,
-                  label_src, image_trg, image_ref); the iterator's index counts steps
+                  label_src, image_trg, image_ref; with data.labelled_target.enabled also image_lab,
+                  label_lab, blank_lab); the iterator's index counts steps
 The training loop only sees `train_stream(config)`; a system never builds its data.
 """
 
@@ -98,8 +99,10 @@ def uda_stream(
 ) -> grain.IterDataset:
     """config.batch_size source images and as many target pairs per step, globally (paired.uda_dataset).
     Sources: the prepared records or on-disk layouts of data.source (data.root) and data.target
-    (data.target_root); with data.synthetic.enabled, the synthetic paired dataset whose Cityscapes part is
-    data.root (synthetic_adverse.py). Rare-class sampling with data.rcs.enabled."""
+    (data.target_root, split data.target_split, default data.train_split); with data.synthetic.enabled, the
+    synthetic paired dataset whose Cityscapes part is data.root (synthetic_adverse.py). Rare-class sampling
+    with data.rcs.enabled. With data.labelled_target.enabled (RobotCar, refign.md O8) config.batch_size
+    labelled target images (split data.labelled_target.split) per step as well, rotated and jittered."""
     from . import paired, refign_sources, synthetic_adverse
 
     d, k = config.data, config.model.num_classes
@@ -107,8 +110,19 @@ def uda_stream(
         source, target = synthetic_adverse.sources(Path(d.root).parent, d.train_split)
     else:
         source = refign_sources.paired_source(d.source, d.root, d.train_split, num_classes=k)
-        target = refign_sources.paired_source(d.target, d.target_root, d.train_split, num_classes=k)
+        target_split = d.get("target_split") or d.train_split
+        target = refign_sources.paired_source(d.target, d.target_root, target_split, num_classes=k)
     local = _local_batch(config, process_count)
+    lab = d.get("labelled_target")
+    labelled, labelled_augment = None, None
+    if lab is not None and lab.enabled:
+        if d.synthetic.enabled:  # the synthetic target pairs are labelled
+            labelled = synthetic_adverse.sources(Path(d.root).parent, lab.split)[1]
+        else:
+            labelled = refign_sources.paired_source(d.target, d.target_root, lab.split, num_classes=k)
+        labelled_augment = paired.LabelledTargetAugment(
+            tuple(d.crop), lab.rotation, tuple(lab.jitter), d.flip_prob
+        )
     rcs = None
     if d.rcs.enabled:
         rcs = dict(
@@ -129,6 +143,9 @@ def uda_stream(
         target_batch=local,
         num_classes=k,
         rcs=rcs,
+        labelled=labelled,
+        labelled_augment=labelled_augment,
+        labelled_batch=local,
         process_index=process_index,
         process_count=process_count,
         num_threads=d.num_threads,

@@ -10,6 +10,9 @@ and resumed with everything else. One loss call is one refign training step:
 1. teacher <- m teacher + (1 - m) student, parameters only, m = min(1 - 1/(t+1), ema_momentum); t += 1;
 2. L_src = CE(student(x_s) -> crop, y_s), mean over all pixels (ignored ones count 0);
 3. L_fd = fdist.weight * mean_{thing pixels of the label at the last stage} ||f_S - f_I||_2;
+   with a labelled target (RobotCar, refign.md O8) x_s is the source images followed by the labelled
+   target ones (rotated-in pixels zeroed after normalisation), except with probability labelled_drop_p
+   per step, when it is the source images alone (refign's ignore_every_second_semantic_training_batch);
 4. teacher (train mode: BN batch statistics, its running stats updated; dropout and drop-path on unless
    teacher_dropout is False) on x_t -> softmax probabilities; pseudo-label, one confidence weight;
 5. ClassMix of the first B_t source images with the targets, strong augmentation;
@@ -18,7 +21,8 @@ and resumed with everything else. One loss call is one refign training step:
 Batch keys (data_pipelines/paired.py uda_dataset, built for config.data.pipeline = "uda" by
 data_pipelines/streams.py): image_src (bs, h, w, 3) uint8, label_src (bs, h, w)
 uint8 (255 ignore), image_trg (bt, h, w, 3) uint8, image_ref (bt, h, w, 3) uint8 (unused here: the Refign
-align/refine of section 8 builds on this step). Every random draw comes from the loss's rng, per example.
+align/refine of section 8 builds on this step); optionally image_lab (bl, h, w, 3) uint8, label_lab
+(bl, h, w) uint8, blank_lab (bl, h, w) bool. Every random draw comes from the loss's rng, per example.
 Evaluation uses the student, as the original.
 """
 
@@ -38,6 +42,7 @@ from . import uda_augment as aug
 from .base import System, cross_entropy, normalize, pixel_accuracy
 
 STUDENT = ("backbone", "head")
+LABELLED_DROP_STREAM = 0x1AB  # fold_in of the loss rng for the labelled-target drop (one draw per step)
 
 
 class StepCount(nnx.Variable):
@@ -151,6 +156,23 @@ class UDASystem(System):
         feats = backbone(x.astype(jnp.dtype(self.config.model.dtype)))  # 4 x (b, h_s, w_s, c_s)
         return resize_bilinear(head(feats).astype(jnp.float32), size), feats  # (b, h, w, K)
 
+    def _source_terms(self, model: UDAModel, x_s: jax.Array, y_s: jax.Array) -> dict[str, jax.Array]:
+        """L_src, the pixel accuracy and (fdist.enabled) L_fd of labelled images x_s (b, h, w, 3) normalised,
+        y_s (b, h, w)."""
+        u, k = self.config.uda, self.config.model.num_classes
+        logits_s, feats_s = self._net(model.backbone, model.head, x_s, y_s.shape[1:3])  # (b, h, w, K)
+        terms = {
+            "loss_src": cross_entropy(logits_s, y_s),
+            "pixel_acc": pixel_accuracy(jnp.argmax(logits_s, -1), y_s),
+        }
+        if u.fdist.enabled:
+            f_s = feats_s[-1]  # (b, h/32, w/32, c)
+            f_i = jax.lax.stop_gradient(model.imnet_backbone(x_s.astype(f_s.dtype))[-1])  # (b, h/32, w/32, c)
+            y_low = aug.downscale_label_ratio(y_s, y_s.shape[2] // f_s.shape[2], u.fdist.min_ratio, k)
+            mask = jnp.isin(y_low, jnp.asarray(u.fdist.classes))  # (b, h/32, w/32)
+            terms["loss_fd"] = u.fdist.weight * aug.feature_distance(f_s, f_i, mask)
+        return terms
+
     def loss(self, model: UDAModel, batch, rng):
         u, k = self.config.uda, self.config.model.num_classes
         t = model.global_step.get_value()
@@ -166,21 +188,22 @@ class UDASystem(System):
 
         x_s, y_s = self._input(batch["image_src"]), batch["label_src"]  # (bs, h, w, 3), (bs, h, w)
         size = y_s.shape[1:3]
-        logits_s, feats_s = self._net(model.backbone, model.head, x_s, size)  # (bs, h, w, K)
-        loss_src = cross_entropy(logits_s, y_s)
-        metrics = {"loss_src": loss_src, "pixel_acc": pixel_accuracy(jnp.argmax(logits_s, -1), y_s)}
-        total = loss_src
-
-        if u.fdist.enabled:
-            f_s = feats_s[-1]  # (bs, h/32, w/32, c)
-            f_i = jax.lax.stop_gradient(
-                model.imnet_backbone(x_s.astype(f_s.dtype))[-1]
-            )  # (bs, h/32, w/32, c)
-            y_low = aug.downscale_label_ratio(y_s, y_s.shape[2] // f_s.shape[2], u.fdist.min_ratio, k)
-            mask = jnp.isin(y_low, jnp.asarray(u.fdist.classes))  # (bs, h/32, w/32)
-            loss_fd = u.fdist.weight * aug.feature_distance(f_s, f_i, mask)
-            metrics["loss_fd"] = loss_fd
-            total = total + loss_fd
+        if "image_lab" in batch:
+            blank = batch["blank_lab"][..., None]  # (bl, h, w, 1)
+            x_l = jnp.where(blank, 0.0, self._input(batch["image_lab"]))  # (bl, h, w, 3)
+            x_all = jnp.concatenate([x_s, x_l])  # (bs + bl, h, w, 3)
+            y_all = jnp.concatenate([y_s, batch["label_lab"].astype(y_s.dtype)])  # (bs + bl, h, w)
+            drop = jax.random.uniform(jax.random.fold_in(rng, LABELLED_DROP_STREAM)) < u.labelled_drop_p
+            metrics = nnx.cond(
+                drop,
+                lambda m: self._source_terms(m, x_s, y_s),
+                lambda m: self._source_terms(m, x_all, y_all),
+                model,
+            )
+            metrics["labelled_dropped"] = drop.astype(jnp.float32)
+        else:
+            metrics = self._source_terms(model, x_s, y_s)
+        total = metrics["loss_src"] + metrics.get("loss_fd", 0.0)
 
         if u.enabled:
             x_t = self._input(batch["image_trg"])  # (bt, h, w, 3)
