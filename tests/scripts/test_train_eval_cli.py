@@ -31,8 +31,21 @@ def test_sigterm_saves_then_resume_then_eval(tmp_path, synthetic_root, repo):
     stopped = int(out.split("Stopped at step ")[1].split(";")[0])
     assert (workdir / "checkpoints" / str(stopped)).is_dir()  # the checkpoint survived the signal
 
-    out = run(common_args(synthetic_root, workdir, total_steps=500, stop_at_step=stopped + 1), env(1))
-    assert f"Resumed from step {stopped}" in out
+    p = subprocess.run(
+        common_args(synthetic_root, workdir, total_steps=500, stop_at_step=stopped + 1),
+        cwd=repo, env=env(1), capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr[-5000:]
+    assert f"Resumed from step {stopped}" in p.stdout
+    # the console: lqseg-jax's INFO lines (here the config file of the run), no third-party INFO (orbax
+    # logs each save and restore at INFO through absl)
+    info = [line.split(" INFO ", 1)[1] for line in p.stderr.splitlines() if " INFO " in line]
+    assert f"lqseg_jax.train.loop: config: {workdir / f'config.{stopped}.json'}" in info, p.stderr[-3000:]
+    assert all(line.startswith("lqseg_jax.") for line in info), info
+    first, resumed = (
+        json.loads((workdir / n).read_text()) for n in ("config.json", f"config.{stopped}.json")
+    )
+    assert (first["stop_at_step"], resumed["stop_at_step"]) == (0, stopped + 1)  # the resume changed it
 
     eval_args = [sys.executable, "scripts/eval.py", *args[2:]]
     out = run(eval_args, env(1))
