@@ -13,6 +13,7 @@ SYSTEMS = {
     "mask2former": "lqseg_jax.systems.mask2former:Mask2FormerSystem",
     "rass": "lqseg_jax.systems.rass:RASSSystem",
     "uda": "lqseg_jax.systems.uda:UDASystem",
+    "uawarpc": "lqseg_jax.systems.uawarpc:UAWarpCSystem",
 }
 
 
