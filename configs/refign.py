@@ -10,7 +10,8 @@ Variants (`--config configs/refign.py:VARIANT`; append `,source_only` for the so
          present classes; batch 2 Cityscapes + 2 labelled RobotCar (rotation 10 deg, torchvision
          ColorJitter(0.25, 0.25, 0.25, 0.1), no cat-max check; dropped from the step with p 0.5) + 2 pairs.
   "tiny": MiT-B0 with a 64-wide head, random init, on the synthetic paired data (Cityscapes-layout scenes ->
-         ACDC-layout night/fog/rain), 64x64 crops, batch 8 + 8, 300 steps (tests, demo).
+         ACDC-layout night/fog/rain), 64x64 crops, batch 8 + 8, 300 steps, EMA 0.99,
+         pseudo-label threshold 0.9 (tests, demo).
 Evaluation (scripts/eval.py, eval_every) is on the target's val split (eval.source / eval.root): ACDC,
 Dark Zurich, RobotCar val; for "tiny" the synthetic ACDC-layout val split. Override any field with
 --config.key=value (when changing data.target_root, change eval.root too).
@@ -117,6 +118,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.model.head.embed_dims = 64
         c.model.head.channels = 64
         c.uda.fdist.classes = (6, 7, 8, 9)  # tree, ball, car, sign: the objects
+        # 300 steps: a teacher averaging over ~100 steps (0.999 would average the whole run, random init
+        # included) and a threshold a 300-step network reaches on the adverse images
+        c.uda.ema_momentum = 0.99
+        c.uda.pseudo_threshold = 0.9
         c.data.root = "data/synthetic_adverse/cityscapes"
         c.data.target_root = "data/synthetic_adverse/acdc"
         c.data.class_names = CLASSES

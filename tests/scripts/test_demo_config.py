@@ -16,3 +16,16 @@ def test_demo_variants_share_data_and_schedule(variant):
 def test_unknown_demo_variant_is_named():
     with pytest.raises(ValueError, match=r"configs/demo.py variants: .*got 'segformer'"):
         load_config("configs/demo.py:segformer")
+
+
+def test_uda_demo_pair_differs_only_in_the_target_loss():
+    """`scripts/demo.py --variants uda` trains configs/refign.py:tiny and :tiny,source_only: the same network,
+    data, steps and evaluation; only uda.enabled differs."""
+    uda, source_only = (
+        load_config("configs/refign.py:tiny"),
+        load_config("configs/refign.py:tiny,source_only"),
+    )
+    assert uda.uda.enabled and not source_only.uda.enabled
+    source_only.uda.enabled = True
+    assert uda.to_dict() == source_only.to_dict()
+    assert uda.eval.source == "acdc" and uda.eval.root == uda.data.target_root
