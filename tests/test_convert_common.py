@@ -92,3 +92,21 @@ def test_a_wrong_class_count_names_the_weight_as_well_as_the_bias():
         in message
     )
     assert "'conv.bias' (-> 'conv.bias'): checkpoint has (6,) (mapped (6,)), model expects (4,)" in message
+
+
+def test_a_converted_folder_for_another_class_count_names_each_array(tmp_path):
+    from lqseg_jax.convert.common import load_converted, save_converted
+
+    class Head(nnx.Module):
+        def __init__(self, num_classes, rngs):
+            self.conv_seg = nnx.Conv(8, num_classes, (1, 1), rngs=rngs)
+
+    save_converted(tmp_path, Head(10, nnx.Rngs(0)), {"source": "test"})
+    with pytest.raises(CheckpointError) as info:
+        load_converted(tmp_path, Head(19, nnx.Rngs(0)))
+    assert str(info.value) == (
+        f"converted state at {tmp_path} does not fit the model (2 arrays): 'conv_seg.bias': saved (10,), model "
+        "expects (19,); 'conv_seg.kernel': saved (1, 1, 8, 10), model expects (1, 1, 8, 19) (was it converted for "
+        "another config, e.g. another model.num_classes?)"
+    )
+    assert load_converted(tmp_path, Head(10, nnx.Rngs(1))) == {"source": "test"}

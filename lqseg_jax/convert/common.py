@@ -277,6 +277,7 @@ def load_converted(out_dir: str | Path, model: nnx.Module) -> dict[str, Any]:
     target = nnx.to_pure_dict(nnx.state(model, SAVED))
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), target)
     with ocp.StandardCheckpointer() as ckptr:
+        _check_converted_shapes(out, ckptr.metadata(out / "state"), abstract)
         try:
             restored = ckptr.restore(out / "state", abstract)
         except (ValueError, KeyError) as e:
@@ -285,3 +286,29 @@ def load_converted(out_dir: str | Path, model: nnx.Module) -> dict[str, Any]:
     nnx.replace_by_pure_dict(state, restored)
     nnx.update(model, state)
     return json.loads((out / "meta.json").read_text())
+
+
+def _check_converted_shapes(out: Path, metadata: Any, abstract: Any) -> None:
+    """Names every array of a converted folder whose shape differs from the model's, and the arrays only one
+    side has (orbax reports only the first mismatch it meets, without its key)."""
+
+    def shapes(tree):
+        flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+        return {".".join(str(getattr(k, "key", k)) for k in path): tuple(leaf.shape) for path, leaf in flat}
+
+    stored, wanted = shapes(getattr(metadata, "item_metadata", metadata)), shapes(abstract)
+    problems = [
+        f"'{k}': saved {stored[k]}, model expects {wanted[k]}"
+        for k in sorted(stored.keys() & wanted.keys())
+        if stored[k] != wanted[k]
+    ]
+    problems += [f"'{k}': missing from the folder" for k in sorted(wanted.keys() - stored.keys())]
+    problems += [f"'{k}': not in the model" for k in sorted(stored.keys() - wanted.keys())]
+    if problems:
+        more = f"; and {len(problems) - 10} more" if len(problems) > 10 else ""
+        raise CheckpointError(
+            f"converted state at {out} does not fit the model ({len(problems)} arrays): "
+            + "; ".join(problems[:10])
+            + more
+            + " (was it converted for another config, e.g. another model.num_classes?)"
+        )
