@@ -116,7 +116,7 @@ def legend(
     pooled = np.concatenate([np.asarray(m).reshape(-1) for m in maps])  # (n,)
     rows = classes_present(pooled)
     font = ImageFont.load_default()
-    texts = [f"{names[c]} {share:.1f}%" for c, share in rows]
+    texts = [f"{names[c]} {share:.1f}%" if share >= 0.05 else f"{names[c]} <0.1%" for c, share in rows]
     width = LEGEND_TEXT_X + max([int(font.getlength(t)) for t in texts] or [40]) + LEGEND_PAD
     height = max(min_height, 2 * LEGEND_PAD + LEGEND_ROW * max(len(rows), 1))
     img = Image.new("RGB", (width, height), "white")

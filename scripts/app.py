@@ -35,7 +35,8 @@ flags.DEFINE_bool("debug", False, "show the traceback of errors (or LQSEG_DEBUG=
 flags.mark_flags_as_required(["config"])
 
 NO_DEGRADATION = "none"
-MAX_EXAMPLES = 8
+MAX_EXAMPLES = 4
+OUTPUT_HEIGHT = 320  # pixels on the page
 
 
 def segment(predictor, path: str | Path, preset: str, seed: int = 0):
@@ -80,12 +81,8 @@ def build_app(predictor, examples=(), *, seed: int = 0):
                 button = gr.Button("Segment", variant="primary")
         with gr.Row():
             outputs = [
-                gr.Image(label="input", format="png", interactive=False),
-                gr.Image(label="degraded input", format="png", interactive=False),
-                gr.Image(
-                    label="overlay (segmentation of the network's input)", format="png", interactive=False
-                ),
-                gr.Image(label="legend", format="png", interactive=False),
+                gr.Image(label=label, format="png", height=OUTPUT_HEIGHT, interactive=False)
+                for label in ("input", "degraded input", "segmentation of the network's input", "legend")
             ]
         if examples:
             gr.Examples([[str(p), "medium"] for p in examples], inputs=[upload, preset])
