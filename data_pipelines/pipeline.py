@@ -35,6 +35,21 @@ class ProcessBlock:
         return self.dataset[step * self.global_batch + self.process_index * local + k]
 
 
+@dataclasses.dataclass(frozen=True)
+class _Origin:
+    source: object
+
+    def __call__(self, index: int, record: dict) -> dict:
+        return self.source.with_origin(index, record)
+
+
+def with_origin(source) -> grain.MapDataset:
+    """The source as a MapDataset whose records name where they come from (a prepared split's record and
+    shard), for decoding errors; a folder source's records already carry their files' paths."""
+    dataset = grain.MapDataset.source(source)
+    return dataset.map_with_index(_Origin(source)) if hasattr(source, "with_origin") else dataset
+
+
 def _check_batch(global_batch: int, process_count: int) -> int:
     if global_batch % process_count:
         raise ValueError(f"batch_size {global_batch} is not divisible by the {process_count} processes")
@@ -56,7 +71,7 @@ def train_dataset(
     """Infinite training batches {"image": (b, h, w, 3) uint8, "label": (b, h, w) uint8} for this process."""
     local = _check_batch(global_batch, process_count)
     examples = (
-        grain.MapDataset.source(source)
+        with_origin(source)
         .seed(seed)
         .shuffle()
         .repeat(None)
@@ -124,7 +139,7 @@ def eval_batches(
     local = _check_batch(global_batch, process_count)
     steps = math.ceil(len(source) / global_batch)
     examples = (
-        grain.MapDataset.source(source)
+        with_origin(source)
         .map(Decode(source.label_map, source.num_classes))
         .map(resize)
         .map(canvas or EvalCanvas())

@@ -18,7 +18,8 @@ Record format (version 1), dependency-free: one ArrayRecord record per example h
                                 (x_ref, y_ref, x, y) pixel correspondences
 A record therefore decodes to {"image": bytes, "label": bytes, "name": str}, the record FolderSource gives,
 plus "reference": bytes for a paired example (refign_sources.PairedSource) and "matches": bytes for a
-matching pair (refign_matching.py).
+matching pair (refign_matching.py). RecordSource.with_origin adds "image_path" and "label_path", which name
+the record, its index and its shard in decoding errors (the pipelines apply it).
 
 records.json: {"format": "lqseg-records", "version": 1, "dataset", "split", "count", "shards":
 [{"file", "count"}], "num_classes", "classes", "label_map": "identity", "ignore_label": 255,
@@ -189,6 +190,12 @@ class RecordSource:
                 "re-run scripts/prepare_data.py"
             ) from e
         return decode_record(data, f"{self.description} record {index}")
+
+    def with_origin(self, index: int, record: dict) -> dict:
+        """`record` (this source's `index`) with "image_path" and "label_path" naming its record and shard,
+        which Decode's errors name (a folder source's records carry their files' paths)."""
+        where = f"{record['name']} (record {index} of {self._shard_of(index)})"
+        return {**record, "image_path": where, "label_path": f"of {where}"}
 
     def __repr__(self) -> str:
         return f"RecordSource({self.description}, {len(self)} examples)"

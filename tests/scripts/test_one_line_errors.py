@@ -184,3 +184,32 @@ def test_print_config_prints_the_resolved_config_and_creates_nothing(tmp_path, r
     assert printed == json.loads(load_config("configs/demo.py:rass", total_steps=7).to_json_best_effort())
     assert printed["total_steps"] == 7 and printed["system"] == "rass"
     assert not (tmp_path / "run").exists()
+
+
+def test_a_bad_image_or_label_in_prepared_records_is_named_with_its_record_and_shard(tmp_path):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from lqseg_jax.data_pipelines import records
+    from lqseg_jax.data_pipelines.pipeline import with_origin
+    from lqseg_jax.data_pipelines.transforms import Decode
+
+    def png(array):
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    label = png(np.full((4, 4), 200, np.uint8))
+    image = png(np.zeros((4, 4, 3), np.uint8))
+    meta = {"dataset": "ade20k", "split": "val", "num_classes": 10, "label_map": "identity"}
+    records.write_split(tmp_path, "val", [("a.png", b"junk", label), ("b.png", image, label)], count=2,
+                        num_shards=1, metadata=meta, progress=False)  # fmt: skip
+    source = records.RecordSource(tmp_path / "val")
+    (shard,) = (tmp_path / "val").glob("*.array_record")
+    examples = with_origin(source).map(Decode(source.label_map, source.num_classes))  # as the pipelines read
+    with pytest.raises(DataError, match=rf"corrupt or unreadable image a\.png \(record 0 of {shard}\)"):
+        examples[0]
+    with pytest.raises(DataError, match=rf"label of b\.png \(record 1 of {shard}\) has raw values \[200\]"):
+        examples[1]
