@@ -7,6 +7,7 @@ Pipelines (config.data.pipeline):
     "uda"         labelled source + target with references (paired.uda_dataset, batch keys image_src,
                   label_src, image_trg, image_ref; with data.labelled_target.enabled also image_lab,
                   label_lab, blank_lab); the iterator's index counts steps
+    "matching"    UAWarpC image pairs (matching_stream.py, batch keys image, image_ref); counts examples
 The training loop only sees `train_stream(config)`; a system never builds its data.
 """
 
@@ -21,7 +22,7 @@ import ml_collections
 from .detectron2_transforms import MASK2FORMER_ADE20K_MIN_SIZES, ColorAugSSD, Detectron2TrainAugment
 from .transforms import TrainAugment
 
-PIPELINES = ("supervised", "uda")
+PIPELINES = ("supervised", "uda", "matching")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +77,10 @@ def train_stream(
     """This process's training stream of `config` (data.pipeline), resumable through its iterator state."""
     if _pipeline(config) == "uda":
         return TrainStream(uda_stream(config, process_index, process_count), 1)
+    if _pipeline(config) == "matching":  # UAWarpC image pairs (matching_stream.py)
+        from . import matching_stream
+
+        return TrainStream(*matching_stream.train_stream(config, process_index, process_count))
     from .pipeline import train_dataset
     from .sources import build_source
 
@@ -185,6 +190,11 @@ def ensure_data(config: ml_collections.ConfigDict) -> None:
         return
     if _pipeline(config) == "supervised":
         synthetic.ensure_data(config)
+        return
+    if _pipeline(config) == "matching":  # the paired dataset at data.root, pairs only (matching_stream.py)
+        from . import matching_stream
+
+        matching_stream.ensure_data(config)
         return
     import jax
     from jax.experimental import multihost_utils
