@@ -109,7 +109,11 @@ def check_override_keys(config: ml_collections.ConfigDict, keys, flag: str = "co
     known = config_keys(config)
     for key in keys:
         if key not in known:
-            close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+            leaf = key.rsplit(".", 1)[-1]  # `lr` -> `optimizer.lr`: the same field name in another section
+            same_leaf = [k for k in known if k.rsplit(".", 1)[-1] == leaf]
+            close = list(
+                dict.fromkeys([*same_leaf, *difflib.get_close_matches(key, known, n=3, cutoff=0.6)])
+            )[:3]
             hint = f"; did you mean {' or '.join(f'{flag}.{c}' for c in close)}?" if close else ""
             raise ConfigError(f"{flag}.{key}: the config has no field '{key}'{hint}")
 

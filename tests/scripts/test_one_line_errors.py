@@ -102,6 +102,10 @@ def test_unknown_config_key_suggests_the_close_one():
         match=r"config\.ema\.decy: the config has no field 'ema\.decy'; did you mean config\.ema\.decay",
     ):
         load_config("configs/daformer.py:tiny", **{"ema.decy": 0.9})
+    with pytest.raises(
+        ConfigError, match=r"config\.lr: the config has no field 'lr'; did you mean config\.optimizer\.lr\?"
+    ):
+        load_config("configs/daformer.py:tiny", lr=0.1)  # the same field name in another section
     with pytest.raises(ConfigError, match=r"config file .*configs/nope\.py does not exist"):
         load_config("configs/nope.py")
 
