@@ -4,6 +4,7 @@ overlay/legend pictures of lqseg_jax/predict.py for a hand-made prediction."""
 import hashlib
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +14,9 @@ from lqseg_jax.predict import (
     LEGEND_PAD,
     LEGEND_ROW,
     LEGEND_SWATCH,
+    check_out,
     dataset_palette,
+    find_images,
     output_names,
     overlay,
 )
@@ -42,10 +45,28 @@ def test_overlay_blends_and_legend_lists_classes_by_area():
 
 
 def test_output_names_are_distinct():
-    from pathlib import Path
-
     files = [Path("a/x.jpg"), Path("a/x.png"), Path("b/x.png"), Path("b/y.png")]
     assert output_names(files) == ["x", "x_png", "x_png_2", "y"]
+
+
+def test_inputs_and_the_output_folder(tmp_path):
+    (tmp_path / "in" / "sub").mkdir(parents=True)
+    for name in ("in/b.JPG", "in/a.png", "in/sub/c.webp", "in/notes.txt"):
+        (tmp_path / name).write_bytes(b"")
+    files, folder, ignored = find_images(tmp_path / "in")
+    assert [f.name for f in files] == ["a.png", "b.JPG"] and folder == tmp_path / "in" and ignored == 1
+    files, folder, _ = find_images(f"{tmp_path}/in/**/*.*")
+    assert [f.name for f in files] == ["a.png", "b.JPG", "c.webp"] and folder == tmp_path / "in"
+    assert find_images(tmp_path / "in" / "notes.txt") == ([tmp_path / "in" / "notes.txt"], None, 0)
+    with pytest.raises(FileNotFoundError, match="no such file or folder"):
+        find_images(tmp_path / "missing")
+    for out in (tmp_path / "in", tmp_path / "in" / "sub" / "out"):
+        with pytest.raises(ValueError, match="lies inside the input folder"):
+            check_out(out, tmp_path / "in", files)
+    check_out(tmp_path / "out", tmp_path / "in", files)
+    with pytest.raises(ValueError, match="is the folder of --input"):
+        check_out(tmp_path / "in", None, [tmp_path / "in" / "a.png"])
+    check_out(tmp_path / "in" / "out", None, [tmp_path / "in" / "a.png"])
 
 
 @pytest.fixture(scope="module")
