@@ -240,21 +240,26 @@ class RASSSystem(System):
             self._prompt_tokens = prompt_tokens(tokenizer, self.tagger[1], self.config.prompt.suffix)
         return self._prompt_tokens
 
-    def ram_text_embeddings(self, batch: dict, images: jax.Array, key: jax.Array | None = None) -> jax.Array:
-        """Prompt mode "ram", inside a jitted step: the frozen tagger's tags of whole images (b, h, w, 3) in
-        [0, 255], their prompt ids, and the frozen text encoder's embeddings (b, tokens, d), no gradient.
-        Given `key` and config.prompt.ram.train_mode, the tagger runs in train mode (drop-path, dropout)."""
+    def ram_tag_mask(self, batch: dict, images: jax.Array, key: jax.Array | None = None) -> jax.Array:
+        """Prompt mode "ram", inside a jitted step: which tags the frozen tagger (batch[FROZEN]["ram"]) gives
+        whole images (b, h, w, 3) in [0, 255], (b, K) bool. Given `key` and config.prompt.ram.train_mode,
+        the tagger runs in train mode (drop-path, dropout drawn from `key`)."""
         r = self.config.prompt.ram
-        ram, text_encoder = batch[FROZEN]["ram"], batch[FROZEN]["text_encoder"]
+        ram = batch[FROZEN]["ram"]
         if key is not None and r.train_mode:
             ram = nnx.clone(ram)  # this step's own copy, switched to train mode and seeded from the step
             ram.train()
-            nnx.reseed(ram, dropout=key)
+            nnx.reseed(ram, dropout=key, default=key)  # a tagger built with nnx.Rngs(seed) draws from default
         x = images.astype(jnp.float32) / 255.0 * 2.0 - 1.0  # (b, h, w, 3) in [-1, 1], as RASS feeds RAM
         logits = ram(preprocess(x, ram.config.image_size))  # (b, K)
-        mask = threshold_mask(logits, self.tagger[2], fp16_sigmoid=bool(r.fp16_sigmoid))  # (b, K)
-        ids = assemble_ids(mask, self.prompt_tokens)  # (b, tokens)
-        return jax.lax.stop_gradient(text_encoder(ids).astype(jnp.float32))  # (b, tokens, d)
+        return threshold_mask(logits, self.tagger[2], fp16_sigmoid=bool(r.fp16_sigmoid))  # (b, K)
+
+    def ram_text_embeddings(self, batch: dict, images: jax.Array, key: jax.Array | None = None) -> jax.Array:
+        """The prompt embeddings (b, tokens, d) of `ram_tag_mask`'s tags: ids assembled on the device, the
+        frozen text encoder (batch[FROZEN]["text_encoder"]), no gradient."""
+        ids = assemble_ids(self.ram_tag_mask(batch, images, key), self.prompt_tokens)  # (b, tokens)
+        text = batch[FROZEN]["text_encoder"](ids)  # (b, tokens, d)
+        return jax.lax.stop_gradient(text.astype(jnp.float32))
 
     def host_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
         if self.config.prompt.mode == "ram":

@@ -1,12 +1,14 @@
 """Prompt mode "ram": `scripts/convert.py rass --tag-list --thresholds` on a RASS-shaped checkpoint whose
 ram.* / dape.* keys carry ram_ckpt_keys.txt's 1,290 names each (narrow widths, real depths, 4,585 tags),
-then the converted model evaluated on the synthetic data with prompts tagged on the device from each whole
-padded image, inside the evaluation step; the prompt of each image is the cleaned, CLIP-encoded tag string
-of the converted tagger.
+then the converted model evaluated by scripts/eval.py (its own process) on the synthetic data with prompts
+tagged on the device from each whole padded image, inside the evaluation step; the prompt of each image is
+the cleaned, CLIP-encoded tag string of the converted tagger.
 """
 
 import dataclasses
 import json
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -16,13 +18,15 @@ import torch
 from flax import nnx
 
 from lqseg_jax.convert.rass import convert_file as convert_rass_file
-from lqseg_jax.eval.evaluate import evaluate, load_converted_state
+from lqseg_jax.eval.evaluate import load_converted_state
 from lqseg_jax.models.ram import preprocess, tag_strings, threshold_mask
 from lqseg_jax.systems.base import FROZEN
 from lqseg_jax.systems.prompts import clean_caption, write_byte_level_tokenizer
+from tests.conftest import REPO
 from tests.models.test_ram_convert import NARROW, fake_tag_files, rass_like_state
 from tests.systems.test_rass import micro_config
 from tests.systems.test_rass_convert import micro_rass_config, reference, run_convert_script  # noqa: F401
+from tests.train.test_multiprocess import env
 
 pytestmark = pytest.mark.usefixtures("fast_compile")
 
@@ -32,6 +36,15 @@ def micro_ram_config():
     c = micro_rass_config()
     c.prompt.ram.model = dataclasses.asdict(NARROW)
     return c
+
+
+def micro_ram_eval_config(root, tokenizer):
+    """The micro RASS on the synthetic data in prompt mode "ram" with the narrow tagger."""
+    config = micro_config(root)
+    config.prompt.ram.model = dataclasses.asdict(NARROW)
+    config.prompt.mode = "ram"
+    config.model.tokenizer = str(tokenizer)
+    return config
 
 
 def test_convert_with_tagger_then_evaluate_with_ram_prompts(reference, tmp_path, synthetic_root):  # noqa: F811
@@ -54,12 +67,8 @@ def test_convert_with_tagger_then_evaluate_with_ram_prompts(reference, tmp_path,
     assert skipped["ram: tied tag_encoder copies (checked equal)"] == 32
     assert (out / "ram" / "tag_list.txt").read_text().splitlines() == tags.read_text().splitlines()
 
-    config = micro_config(synthetic_root)
-    config.prompt.ram.model = dataclasses.asdict(NARROW)
-    config.prompt.mode = "ram"
-    write_byte_level_tokenizer(tmp_path / "tokenizer")
-    config.model.tokenizer = str(tmp_path / "tokenizer")
-    trainer, state = load_converted_state(config, out)
+    config = micro_ram_eval_config(synthetic_root, write_byte_level_tokenizer(tmp_path / "tokenizer"))
+    trainer, _ = load_converted_state(config, out)
     system = trainer.system
     assert system.ram_folder() == out / "ram"
 
@@ -85,6 +94,23 @@ def test_convert_with_tagger_then_evaluate_with_ram_prompts(reference, tmp_path,
     with pytest.raises(ValueError, match="per-image prompts"):
         system.predict(None, image)
 
-    summary = evaluate(trainer, state, tmp_path / "eval", progress=False)
-    assert summary["num_images"] == 6 and np.isfinite(summary["mIoU"])
+    # acceptance: scripts/eval.py on the converted folder, in its own process, prompts from the tagger
+    eval_config = tmp_path / "micro_ram_eval.py"
+    eval_config.write_text(
+        "from tests.systems.test_rass_ram import micro_ram_eval_config\n\n\n"
+        "def get_config(arg=None):\n"
+        f"    return micro_ram_eval_config({str(synthetic_root)!r}, {str(tmp_path / 'tokenizer')!r})\n"
+    )
+    cmd = [sys.executable, "scripts/eval.py", "--config", str(eval_config), "--converted", str(out)]
+    p = subprocess.run(
+        [*cmd, "--out", str(tmp_path / "eval")],
+        cwd=REPO,
+        env=env(1, PYTHONPATH=str(REPO)),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+    summary = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert summary["num_images"] == 6 and np.isfinite(summary["mIoU"]) and "mIoU" in p.stdout
     assert (tmp_path / "eval" / "metrics.json").exists()
