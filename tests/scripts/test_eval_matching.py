@@ -4,12 +4,14 @@ evaluated (eval mode, one pair at a time) and the JSON holds AEPE, PCK-1/3/5/10 
 import json
 
 import numpy as np
+import pytest
 
 from lqseg_jax.data_pipelines import synthetic_adverse
 from lqseg_jax.data_pipelines.matching_stream import flow_matches, matching_source
 from tests.scripts.test_refign_cli import run_script
 
 
+@pytest.mark.slow
 def test_eval_matching_writes_json_and_table(tmp_path, repo, capsys):
     root = tmp_path / "syn"
     synthetic_adverse.write_dataset(
