@@ -8,7 +8,8 @@ Variants (`--config configs/uawarpc.py:VARIANT`):
          `scripts/convert.py vgg16` output, prefix alignment_backbone), frozen; the head trains.
   "stage2": warps (0.4, 0.4, 0.26) with the elastic composition, visibility mask on, lr 5e-5, MultiStep x0.5
          at 100k, 150k, 200k of 225k; initialised from model.pretrained.path = a converted UAWarpC folder
-         (`scripts/convert.py uawarpc` of a stage-1 export or of `uawarpc_megadepth.ckpt`, prefix "").
+         (prefix ""): a stage-1 workdir exported by `scripts/eval_matching.py --workdir W --export DIR`, or
+         `scripts/convert.py uawarpc` of refign's `uawarpc_megadepth.ckpt`.
   "eval": matching evaluation only (scripts/eval_matching.py): MegaDepth test1600Pairs or RobotCar test6511
          records (eval.source / eval.root), short side 480 lanczos, bottom-right padding.
   "tiny": a tiny-VGG copy on the synthetic paired adverse data (written at data.root on first use), 48x48

@@ -4,6 +4,8 @@
         --config.eval.source=robotcar-matching --config.eval.root=data/robotcar_matching_records
     python scripts/eval_matching.py --config configs/uawarpc.py:tiny --workdir runs/uawarpc_tiny
     python scripts/eval_matching.py --config configs/uawarpc.py:tiny --init --out runs/uawarpc_tiny/eval_init
+    python scripts/eval_matching.py --config configs/uawarpc.py:stage1 --workdir runs/stage1 \
+        --export weights/uawarpc_stage1     # stage 2's starting point (configs/uawarpc.py:stage2)
 
 Sets (config.eval.source at eval.root, split eval.split): "megadepth" (test1600Pairs records), "robotcar-
 matching" (test6511 records, 1024x1024 at load) written by scripts/prepare_data.py, or "synthetic" (the
@@ -28,9 +30,25 @@ flags.DEFINE_integer("step", None, "with --workdir: evaluate this saved step ins
 flags.DEFINE_string("converted", None, "a scripts/convert.py uawarpc output folder to evaluate")
 flags.DEFINE_bool("init", False, "evaluate the freshly initialised network of the config (a baseline)")
 flags.DEFINE_string("out", None, "results folder (default WORKDIR/eval or CONVERTED/eval)")
+flags.DEFINE_string(
+    "export",
+    None,
+    "write the weights as a converted folder (stage 2's model.pretrained.path) instead of evaluating",
+)
 flags.DEFINE_bool("progress", True, "show a progress bar")
 flags.DEFINE_bool("debug", False, "show the traceback of errors (or LQSEG_DEBUG=1)")
 flags.mark_flags_as_required(["config"])
+
+
+def export(config, workdir, step, out) -> str:
+    """WORKDIR's checkpoint (default the latest) as a `scripts/convert.py`-style folder at OUT: how stage 2
+    starts from a stage-1 workdir (configs/uawarpc.py:stage2, model.pretrained.path = OUT)."""
+    from lqseg_jax.convert.common import save_converted
+    from lqseg_jax.eval.evaluate import restore_workdir
+
+    trainer, state = restore_workdir(config, workdir, step)
+    save_converted(out, trainer.model_from_state(state), {"source": f"{workdir} step {int(state.step)}"})
+    return str(out)
 
 
 def run(config, *, workdir=None, step=None, converted=None, init=False, out=None, progress=True) -> dict:
@@ -110,6 +128,11 @@ def main(argv):
     config = flag_config("config")
     if f.step is not None and f.workdir is None:
         raise app.UsageError("--step N needs --workdir")
+    if f.export:
+        if f.workdir is None:
+            raise app.UsageError("--export DIR needs --workdir")
+        print(f"weights of {f.workdir} written to {export(config, f.workdir, f.step, f.export)}")
+        return
     results = run(
         config,
         workdir=f.workdir,
