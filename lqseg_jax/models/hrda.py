@@ -35,7 +35,6 @@ from lqseg_jax.models.layers import ConvModule, resize_bilinear
 HEAD_OS = 4  # refign `hrda_output_stride`
 TEST_CROP = (1080, 1080)  # refign `inference_crop_size`
 TEST_STRIDE = (420, 420)  # refign `inference_stride`
-LOSS_WEIGHTS = (0.9, 0.1)  # refign: (1 - hr_loss_weight) * fused + hr_loss_weight * detail
 
 
 class SegFormerHead(nnx.Module):
@@ -232,18 +231,6 @@ def slide_forward(
     lr_feats, lr_seg, crop_segs = _encode_decode(backbone, head, lr, crops)
     att = jax.nn.sigmoid(scale_attention(lr_feats))  # (b, H/8, W/8, K)
     return fuse_slide(att, lr_seg, crop_segs, boxes, os)  # (b, H/4, W/4, K)
-
-
-def hrda_loss_terms(
-    fused: jax.Array, hr_logits: jax.Array, offset: jax.Array, labels: jax.Array, weight: jax.Array | None
-):
-    """Inputs of the two cross-entropies: (fused bilinear to the label size, labels, weight) and (hr_logits,
-    labels and weight cropped to the detail box). The loss is LOSS_WEIGHTS[0] * CE(first) +
-    LOSS_WEIGHTS[1] * CE(second)."""
-    crop = hr_logits.shape[1:3]
-    full = resize_bilinear(fused, labels.shape[1:3])  # (b, H, W, K)
-    w_crop = None if weight is None else crop_at(weight, offset, crop)  # (b, H/2, W/2)
-    return (full, labels, weight), (hr_logits, crop_at(labels, offset, crop), w_crop)
 
 
 def window_predict(

@@ -24,25 +24,38 @@ uint8 (255 ignore), image_trg (bt, h, w, 3) uint8, image_ref (bt, h, w, 3) uint8
 align/refine of section 8 builds on this step); optionally image_lab (bl, h, w, 3) uint8, label_lab
 (bl, h, w) uint8, blank_lab (bl, h, w) bool. Every random draw comes from the loss's rng, per example.
 Evaluation uses the student, as the original.
+
+HRDA (config.model.hrda.enabled, refign.md section 6; lqseg_jax/models/hrda.py): the student gains a
+scale-attention head `hrda_scale_attention` (EMA copy `m_hrda_scale_attention`, trained at the head's
+learning rate) and every student forward is the multi-resolution one: a x0.5 context and one detail crop
+(box from the loss rng, one per forward), each cross-entropy becoming (1 - w) CE(fused -> crop) +
+w CE(detail logits, labels and pixel weights cropped to the box), w = hr_loss_weight (0.1). The teacher
+fuses sliding detail crops; the feature distance compares the student's context features with the
+ImageNet encoder on the x0.5 image; `predict` is refign's whole_inference of one window (the config's
+eval.mode "slide" runs the 1080x1080 windows). hrda.remat recomputes the student encoder's activations in
+the backward pass instead of keeping them.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ..models import hrda
 from ..models.daformer_head import DAFormerHead
 from ..models.layers import resize_bilinear
-from ..models.mit import MixVisionTransformer
+from ..models.mit import MIT_PRESETS, MixVisionTransformer
 from ..models.segmentor import EncoderDecoder
 from . import uda_augment as aug
 from .base import System, cross_entropy, normalize, pixel_accuracy
 
-STUDENT = ("backbone", "head")
+STUDENT = ("backbone", "head", "hrda_scale_attention")
 LABELLED_DROP_STREAM = 0x1AB  # fold_in of the loss rng for the labelled-target drop (one draw per step)
+HRDA_BOX_STREAM = 0x4D8  # fold_in of the loss rng for the HRDA detail boxes (source, mix)
 
 
 class StepCount(nnx.Variable):
@@ -50,16 +63,23 @@ class StepCount(nnx.Variable):
 
 
 class UDAModel(nnx.Module):
-    """Student (`backbone`, `head`), EMA teacher (`m_backbone`, `m_head`), frozen ImageNet encoder
-    (`imnet_backbone`, None without the feature distance): the attribute names of refign's
-    SegmentationModel."""
+    """Student (`backbone`, `head`, HRDA's `hrda_scale_attention`), EMA teacher (`m_backbone`, `m_head`,
+    `m_hrda_scale_attention`), frozen ImageNet encoder (`imnet_backbone`); None where unused: the attribute
+    names of refign's SegmentationModel."""
 
-    def __init__(self, student: EncoderDecoder, teacher: EncoderDecoder, imnet_backbone: nnx.Module | None):
+    def __init__(
+        self,
+        student: EncoderDecoder,
+        teacher: EncoderDecoder,
+        imnet_backbone: nnx.Module | None,
+        scale_attention: tuple[nnx.Module, nnx.Module] | None = None,
+    ):
         self.backbone = student.backbone
         self.head = student.head
         self.m_backbone = teacher.backbone
         self.m_head = teacher.head
         self.imnet_backbone = imnet_backbone
+        self.hrda_scale_attention, self.m_hrda_scale_attention = scale_attention or (None, None)
         self.global_step = StepCount(jnp.zeros((), jnp.int32))
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -112,17 +132,45 @@ class UDASystem(System):
             m.backbone, drop_path_rate=0.0, dtype=jnp.dtype(m.dtype), rngs=rngs
         )
 
+    def build_scale_attention(self, rngs: nnx.Rngs) -> hrda.SegFormerHead:
+        """HRDA's scale attention: a SegFormer head over the encoder's 4 features (refign.md section 4)."""
+        m = self.config.model
+        sa = m.hrda.scale_attention
+        return hrda.SegFormerHead(
+            MIT_PRESETS[m.backbone.removeprefix("mit_")]["embed_dims"],
+            m.num_classes,
+            channels=sa.channels,
+            dropout_ratio=sa.dropout_ratio,
+            dtype=jnp.dtype(m.dtype),
+            rngs=rngs,
+        )
+
+    def _hrda(self):
+        """config.model.hrda when HRDA is on, else None."""
+        h = self.config.model.get("hrda")
+        return h if h is not None and h.enabled else None
+
     def build_model(self, rngs: nnx.Rngs) -> UDAModel:
         student, teacher = self.build_network(rngs), self.build_network(rngs)
         imnet = self.build_encoder(rngs) if self.config.uda.fdist.enabled else None
-        model = UDAModel(student, teacher, imnet)
+        attention = None
+        if self._hrda() is not None:
+            attention = (self.build_scale_attention(rngs), self.build_scale_attention(rngs))
+        model = UDAModel(student, teacher, imnet, attention)
         self._sync_copies(model)
         return model
 
+    def _ema_pairs(self, model: UDAModel) -> list[tuple[nnx.Module, nnx.Module]]:
+        """(teacher, student) module pairs: backbone, head, scale attention (when HRDA is on)."""
+        pairs = [(model.m_backbone, model.backbone), (model.m_head, model.head)]
+        if model.hrda_scale_attention is not None:
+            pairs.append((model.m_hrda_scale_attention, model.hrda_scale_attention))
+        return pairs
+
     def _sync_copies(self, model: UDAModel) -> None:
         """Teacher := student, ImageNet encoder := student backbone (its initial / pretrained weights)."""
-        _copy_params(model.m_backbone, model.backbone)
-        _copy_params(model.m_head, model.head)
+        for teacher, student in self._ema_pairs(model):
+            _copy_params(teacher, student)
         if model.imnet_backbone is not None:
             _copy_params(model.imnet_backbone, model.backbone)
 
@@ -156,18 +204,57 @@ class UDASystem(System):
         feats = backbone(x.astype(jnp.dtype(self.config.model.dtype)))  # 4 x (b, h_s, w_s, c_s)
         return resize_bilinear(head(feats).astype(jnp.float32), size), feats  # (b, h, w, K)
 
-    def _source_terms(self, model: UDAModel, x_s: jax.Array, y_s: jax.Array) -> dict[str, jax.Array]:
+    def _student(self, model: UDAModel, x: jax.Array, size, key: jax.Array):
+        """Student training forward of normalised x (b, h, w, 3) -> (logits (b, h, w, K) at `size`, HRDA's
+        (detail logits, box offset) or None, the features for the feature distance: HRDA's context ones)."""
+        h = self._hrda()
+        if h is None:
+            logits, feats = self._net(model.backbone, model.head, x, size)  # (b, h, w, K)
+            return logits, None, feats
+        backbone = model.backbone
+        if h.remat:
+            backbone = partial(nnx.remat(lambda m, y: m(y)), model.backbone)
+        fused, hr_logits, offset, lr_feats = hrda.student_forward(
+            backbone, model.head, model.hrda_scale_attention, x, key, h.output_stride
+        )  # (b, h/4, w/4, K), (b, h/2, w/2, K), (2,), 4 x (b, h_s/2, w_s/2, c_s)
+        return resize_bilinear(fused, size), (hr_logits, offset), lr_feats
+
+    def _cross_entropy(self, logits, detail, labels, weight=None) -> jax.Array:
+        """CE of the student's logits; under HRDA (1 - w) CE(fused) + w CE(detail) on the cropped labels."""
+        if detail is None:
+            return cross_entropy(logits, labels, weight=weight)
+        hr_logits, offset = detail
+        crop, w = hr_logits.shape[1:3], self._hrda().hr_loss_weight
+        hr_weight = None if weight is None else hrda.crop_at(weight, offset, crop)  # (b, h/2, w/2)
+        return (1.0 - w) * cross_entropy(logits, labels, weight=weight) + w * cross_entropy(
+            hr_logits, hrda.crop_at(labels, offset, crop), weight=hr_weight
+        )
+
+    def _teacher(self, model: UDAModel, x: jax.Array, size) -> jax.Array:
+        """EMA teacher logits (b, h, w, K) at `size` (HRDA: sliding detail crops)."""
+        h = self._hrda()
+        if h is None:
+            return self._net(model.m_backbone, model.m_head, x, size)[0]
+        fused = hrda.slide_forward(
+            model.m_backbone, model.m_head, model.m_hrda_scale_attention, x, h.output_stride
+        )  # (b, h/4, w/4, K)
+        return resize_bilinear(fused, size)
+
+    def _source_terms(
+        self, model: UDAModel, x_s: jax.Array, y_s: jax.Array, key: jax.Array
+    ) -> dict[str, jax.Array]:
         """L_src, the pixel accuracy and (fdist.enabled) L_fd of labelled images x_s (b, h, w, 3) normalised,
-        y_s (b, h, w)."""
+        y_s (b, h, w); `key` draws HRDA's detail box."""
         u, k = self.config.uda, self.config.model.num_classes
-        logits_s, feats_s = self._net(model.backbone, model.head, x_s, y_s.shape[1:3])  # (b, h, w, K)
+        logits_s, detail, feats_s = self._student(model, x_s, y_s.shape[1:3], key)  # (b, h, w, K)
         terms = {
-            "loss_src": cross_entropy(logits_s, y_s),
+            "loss_src": self._cross_entropy(logits_s, detail, y_s),
             "pixel_acc": pixel_accuracy(jnp.argmax(logits_s, -1), y_s),
         }
         if u.fdist.enabled:
-            f_s = feats_s[-1]  # (b, h/32, w/32, c)
-            f_i = jax.lax.stop_gradient(model.imnet_backbone(x_s.astype(f_s.dtype))[-1])  # (b, h/32, w/32, c)
+            f_s = feats_s[-1]  # (b, h/32, w/32, c); HRDA: of the x0.5 context
+            x_i = x_s if detail is None else hrda.half(x_s)  # (b, h, w, 3) or (b, h/2, w/2, 3)
+            f_i = jax.lax.stop_gradient(model.imnet_backbone(x_i.astype(f_s.dtype))[-1])  # like f_s
             y_low = aug.downscale_label_ratio(y_s, y_s.shape[2] // f_s.shape[2], u.fdist.min_ratio, k)
             mask = jnp.isin(y_low, jnp.asarray(u.fdist.classes))  # (b, h/32, w/32)
             terms["loss_fd"] = u.fdist.weight * aug.feature_distance(f_s, f_i, mask)
@@ -177,14 +264,15 @@ class UDASystem(System):
         u, k = self.config.uda, self.config.model.num_classes
         t = model.global_step.get_value()
         momentum = aug.ema_momentum(t, u.ema_momentum)
-        for teacher, student in ((model.m_backbone, model.backbone), (model.m_head, model.head)):
+        for teacher, student in self._ema_pairs(model):
             nnx.update(
                 teacher,
                 aug.ema_update(nnx.state(teacher, nnx.Param), nnx.state(student, nnx.Param), momentum),
             )
         model.global_step.set_value(t + 1)
         if not u.teacher_dropout:
-            _no_dropout(model.m_backbone, model.m_head)
+            _no_dropout(*(teacher for teacher, _ in self._ema_pairs(model)))
+        key_src, key_mix = jax.random.split(jax.random.fold_in(rng, HRDA_BOX_STREAM))
 
         x_s, y_s = self._input(batch["image_src"]), batch["label_src"]  # (bs, h, w, 3), (bs, h, w)
         size = y_s.shape[1:3]
@@ -196,19 +284,19 @@ class UDASystem(System):
             drop = jax.random.uniform(jax.random.fold_in(rng, LABELLED_DROP_STREAM)) < u.labelled_drop_p
             metrics = nnx.cond(
                 drop,
-                lambda m: self._source_terms(m, x_s, y_s),
-                lambda m: self._source_terms(m, x_all, y_all),
+                lambda m: self._source_terms(m, x_s, y_s, key_src),
+                lambda m: self._source_terms(m, x_all, y_all, key_src),
                 model,
             )
             metrics["labelled_dropped"] = drop.astype(jnp.float32)
         else:
-            metrics = self._source_terms(model, x_s, y_s)
+            metrics = self._source_terms(model, x_s, y_s, key_src)
         total = metrics["loss_src"] + metrics.get("loss_fd", 0.0)
 
         if u.enabled:
             x_t = self._input(batch["image_trg"])  # (bt, h, w, 3)
             bt = x_t.shape[0]
-            logits_t, _ = self._net(model.m_backbone, model.m_head, x_t, size)  # (bt, h, w, K)
+            logits_t = self._teacher(model, x_t, size)  # (bt, h, w, K)
             probs = jax.lax.stop_gradient(jax.nn.softmax(logits_t, axis=-1))
             pseudo = jnp.argmax(probs, axis=-1)  # (bt, h, w)
             weight = aug.pseudo_weight(probs, u.pseudo_threshold)
@@ -222,8 +310,8 @@ class UDASystem(System):
             x_mix = aug.strong_augment(
                 x_mix, d.mean, d.std, draws["jitter"], draws["sigma"], draws["do_jitter"], draws["do_blur"]
             )
-            logits_mix, _ = self._net(model.backbone, model.head, x_mix, size)  # (bt, h, w, K)
-            loss_mix = cross_entropy(logits_mix, y_mix, weight=w_mix)
+            logits_mix, detail, _ = self._student(model, x_mix, size, key_mix)  # (bt, h, w, K)
+            loss_mix = self._cross_entropy(logits_mix, detail, y_mix, weight=w_mix)
             metrics.update(loss_mix=loss_mix, pseudo_weight=weight)
             total = total + loss_mix
         metrics["ema_momentum"] = momentum
@@ -231,5 +319,11 @@ class UDASystem(System):
 
     # ----------------------------------------------------------------------------------- inference
     def predict(self, model: UDAModel, images):
-        logits, _ = self._net(model.backbone, model.head, self._input(images), images.shape[1:3])
+        x = self._input(images)  # (b, h, w, 3)
+        h = self._hrda()
+        if h is not None:  # refign whole_inference of one window under HRDA
+            return hrda.window_predict(
+                model.backbone, model.head, model.hrda_scale_attention, x, h.output_stride
+            )
+        logits, _ = self._net(model.backbone, model.head, x, images.shape[1:3])
         return logits  # (b, h, w, K)
