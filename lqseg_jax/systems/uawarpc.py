@@ -48,6 +48,22 @@ def warp_spec(config) -> WarpSpec:
     return WarpSpec.stage(u.stage, **over)
 
 
+def three_passes(head, passes, size):
+    """The head on each (trg, src, trg_256, src_256) of `passes` in order, in train mode: each pass normalises
+    with its own batch statistics and updates the running statistics after the previous pass, as refign's
+    three calls. One `nnx.scan` over the stacked passes (same shapes), so the head compiles once, not three
+    times. Returns one tuple of 4 (flow, log-variance) levels per pass."""
+    stacked = jax.tree.map(lambda *x: jnp.stack(x), *passes)  # every leaf (n, b, ...)
+
+    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))
+    def run(head, inputs):
+        trg, src, trg_256, src_256 = inputs
+        return head, head(trg, src, trg_256, src_256, size)
+
+    _, out = run(head, stacked)  # 4 x (flow (n, b, h, w, 2), log-var (n, b, h, w, 1))
+    return [jax.tree.map(lambda x, i=i: x[i], out) for i in range(len(passes))]
+
+
 class UAWarpCSystem(System):
     trainable = nnx.All(nnx.Param, _in_head)
 
@@ -80,10 +96,11 @@ class UAWarpCSystem(System):
             dtype
         )  # (3b, h, w, 3)
         (ref, trg, prime), (ref256, trg256, prime256) = self._pyramids(model, both, 3)
-        head = model.alignment_head
-        prime_trg = head(prime, trg, prime256, trg256, size)  # 4 x (flow, log-var) prime -> target
-        prime_ref = head(prime, ref, prime256, ref256, size)
-        ref_trg = head(ref, trg, ref256, trg256, size)
+        prime_trg, prime_ref, ref_trg = three_passes(
+            model.alignment_head,
+            [(prime, trg, prime256, trg256), (prime, ref, prime256, ref256), (ref, trg, ref256, trg256)],
+            size,
+        )
         flow, mask = t["flow_prime"], t["mask_prime"]
         loss_ss = losses.multiscale_flow_loss(prime_trg, flow, mask)
         loss_us = losses.wbipath_loss(
