@@ -4,6 +4,7 @@ and BatchNorm running statistics alike."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from lqseg_jax.models.uawarpc import UAWarpCHead
@@ -18,6 +19,7 @@ def _feats(key, b=2, c=8):
     )
 
 
+@pytest.mark.slow
 def test_three_passes_equal_sequential_train_mode_calls():
     head = UAWarpCHead(rngs=nnx.Rngs(0))
     head.train()
