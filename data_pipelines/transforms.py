@@ -11,7 +11,7 @@ import dataclasses
 import io
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from .sources import DataError, map_labels
 
@@ -23,7 +23,15 @@ def decode_image(data: bytes, name: str) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
+            if im.mode.startswith("I;16") or (im.mode == "I" and np.asarray(im).max(initial=0) > 255):
+                # 16-bit grey: Pillow's convert("RGB") would clip at 255; scale 0..65535 to 0..255 instead
+                grey = np.round(np.asarray(im).astype(np.float64) / 257.0).clip(0, 255).astype(np.uint8)
+                return np.repeat(grey[..., None], 3, axis=-1)  # (h, w, 3)
             return np.asarray(im.convert("RGB"))  # (h, w, 3)
+    except UnidentifiedImageError as e:
+        raise DataError(
+            f"corrupt or unreadable image {name}: not a file Pillow can read (expected an RGB JPEG or PNG)"
+        ) from e
     except (OSError, SyntaxError, ValueError) as e:
         raise DataError(f"corrupt or unreadable image {name}: {e} (expected an RGB JPEG or PNG)") from e
 
