@@ -15,8 +15,8 @@ Variants (`--config configs/uawarpc.py:VARIANT`):
   "tiny": a tiny-VGG copy on the synthetic paired adverse data (written at data.root on first use), 48x48
          crops of 64x64 pairs, stage-1 warps, batch 8, constant lr 1e-3 (tests, CPU demo); evaluated on the
          synthetic val pairs at their own size.
-The MultiStep schedule (lqseg_jax/train/multistep.py) needs optimizer.schedule.kind "multistep" dispatched in
-lqseg_jax/train/optim.py; "tiny" uses a constant rate (poly with power 0), which optim.py expresses today.
+Stages 1 and 2 use torch's MultiStepLR (optimizer.schedule.kind "multistep", lqseg_jax/train/multistep.py);
+"tiny" uses a constant rate (poly with power 0).
 """
 
 import ml_collections

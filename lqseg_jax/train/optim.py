@@ -115,8 +115,14 @@ def build_optimizer(
             power=s.power,
             end_lr=s.end_lr,
         )
+    elif kind == "multistep":
+        from .multistep import multistep_schedule
+
+        schedule = multistep_schedule(cfg.lr, tuple(s.milestones), s.gamma)
     else:
-        raise ValueError(f"optimizer.schedule.kind must be 'poly' or 'warmup_linear', got {kind!r}")
+        raise ValueError(
+            f"optimizer.schedule.kind must be 'poly', 'warmup_linear' or 'multistep', got {kind!r}"
+        )
     parts = []
     if cfg.clip_norm:
         parts.append(optax.clip_by_global_norm(cfg.clip_norm))

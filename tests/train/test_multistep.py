@@ -43,3 +43,20 @@ def test_multistep_schedule_and_coupled_l2_adam_match_torch():
 def test_milestones_must_increase():
     with pytest.raises(ValueError, match="increasing"):
         multistep_schedule(1.0, (5, 3), 0.5)
+
+
+@pytest.mark.parametrize("variant", ["stage1", "stage2"])
+def test_uawarpc_stages_build_their_multistep_optimizer(variant):
+    from configs.uawarpc import get_config
+    from lqseg_jax.train.optim import build_optimizer
+
+    config = get_config(variant)
+    s = config.optimizer.schedule
+    tx, schedule = build_optimizer(config.optimizer, {"w": jnp.zeros((2, 3))}, config.total_steps)
+    tx.init({"w": jnp.zeros((2, 3))})
+    first = s.milestones[0]
+    assert float(schedule(first - 1)) == pytest.approx(config.optimizer.lr, rel=1e-7)
+    assert float(schedule(first)) == pytest.approx(config.optimizer.lr * s.gamma, rel=1e-7)
+    assert float(schedule(config.total_steps - 1)) == pytest.approx(
+        config.optimizer.lr * s.gamma ** len(s.milestones), rel=1e-7
+    )
