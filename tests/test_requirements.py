@@ -1,5 +1,6 @@
 """Every third-party package the runtime code imports is in requirements.txt (`make demo` installs only
-that file); torch, for the converters alone, is the documented exception and is imported lazily."""
+that file); torch (the converters) and gradio (scripts/app.py, the `app` extra) are the documented
+exceptions, imported lazily."""
 
 import ast
 import re
@@ -9,7 +10,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RUNTIME = ("lqseg_jax", "data_pipelines", "kernels", "configs", "scripts")
-OPTIONAL = {"torch": "lqseg_jax/convert/"}  # module -> the only place allowed to import it, inside functions
+OPTIONAL = {
+    "torch": "lqseg_jax/convert/",
+    "gradio": "scripts/app.py",
+}  # module -> its only importer, inside functions
 
 
 def _norm(name: str) -> str:
