@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 from lqseg_jax.kernels.correlation import local_correlation
-from lqseg_jax.models.layers import BN_EPS, BN_MOMENTUM, torch_linear_init
+from lqseg_jax.models.layers import BN_EPS, BN_MOMENTUM, TorchBatchNorm, torch_linear_init
 from lqseg_jax.models.resize import resize_area, resize_bilinear
 from lqseg_jax.models.vgg import POOL2_POOL3, POOL3_POOL4, VGG16Features
 
@@ -65,28 +65,6 @@ def _conv(cin: int, cout: int, k: int, *, padding: int, use_bias: bool, dilation
         bias_init=bias_init,
         rngs=rngs,
     )
-
-
-class TorchBatchNorm(nnx.BatchNorm):
-    """nnx.BatchNorm (channels last, fp32) whose train-mode running variance is updated with the unbiased
-    batch variance, as torch's BatchNorm2d does (normalisation uses the biased one in both)."""
-
-    def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
-        use_running_average = self.use_running_average if use_running_average is None else use_running_average
-        x = x.astype(jnp.float32)
-        axes = tuple(range(x.ndim - 1))
-        if use_running_average:
-            mean, var = self.mean[...], self.var[...]
-        else:
-            n = math.prod(x.shape[:-1])
-            mean = jnp.mean(x, axis=axes)  # (c,)
-            var = jnp.mean(jnp.square(x - mean), axis=axes)  # (c,) biased
-            unbiased = var * (n / max(n - 1, 1))
-            m = self.momentum
-            self.mean[...] = jax.lax.stop_gradient(m * self.mean[...] + (1 - m) * mean)
-            self.var[...] = jax.lax.stop_gradient(m * self.var[...] + (1 - m) * unbiased)
-        y = (x - mean) * jax.lax.rsqrt(var + self.epsilon)  # (..., c)
-        return y * self.scale[...] + self.bias[...]
 
 
 class ConvBN(nnx.Module):
