@@ -144,6 +144,10 @@ class PairedSource:
             "label": label,
             "reference": ex.reference.read_bytes() if ex.reference is not None else b"",
             "name": ex.name,
+            # full paths, for decoding errors (paired.PairedDecode)
+            "image_path": str(ex.image),
+            "label_path": str(ex.label or ""),
+            "reference_path": str(ex.reference or ""),
         }
 
     def __repr__(self) -> str:

@@ -158,6 +158,9 @@ def test_acdc_pairs_and_missing_reference(tmp_path, small_counts):
     assert all(e.label is None and e.reference.is_file() for e in test)
     src = rs.PairedSource(train, num_classes=19, description="acdc")
     assert src[2]["reference"] == e.reference.read_bytes() and src[2]["label"] == e.label.read_bytes()
+    # full paths for decoding errors (paired.PairedDecode names them)
+    assert (src[2]["image_path"], src[2]["label_path"]) == (str(e.image), str(e.label))
+    assert src[2]["reference_path"] == str(e.reference)
     e.reference.unlink()
     with pytest.raises(DataError, match=r"GP010594_frame_000101_rgb_ref_anon.png is missing.*expected 3"):
         rs.acdc(tmp_path, "train", **kw)
