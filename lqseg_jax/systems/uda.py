@@ -50,6 +50,7 @@ from ..models.daformer_head import DAFormerHead
 from ..models.layers import resize_bilinear
 from ..models.mit import MIT_PRESETS, MixVisionTransformer
 from ..models.segmentor import EncoderDecoder
+from ..models.uawarpc import UAWarpC
 from . import uda_augment as aug
 from .base import System, cross_entropy, normalize, pixel_accuracy
 
@@ -64,8 +65,9 @@ class StepCount(nnx.Variable):
 
 class UDAModel(nnx.Module):
     """Student (`backbone`, `head`, HRDA's `hrda_scale_attention`), EMA teacher (`m_backbone`, `m_head`,
-    `m_hrda_scale_attention`), frozen ImageNet encoder (`imnet_backbone`); None where unused: the attribute
-    names of refign's SegmentationModel."""
+    `m_hrda_scale_attention`), frozen ImageNet encoder (`imnet_backbone`), Refign's frozen UAWarpC
+    (`alignment_backbone`, `alignment_head`); None where unused: the attribute names of refign's
+    SegmentationModel, so its Lightning checkpoints convert key for key."""
 
     def __init__(
         self,
@@ -73,6 +75,7 @@ class UDAModel(nnx.Module):
         teacher: EncoderDecoder,
         imnet_backbone: nnx.Module | None,
         scale_attention: tuple[nnx.Module, nnx.Module] | None = None,
+        alignment: UAWarpC | None = None,
     ):
         self.backbone = student.backbone
         self.head = student.head
@@ -80,6 +83,9 @@ class UDAModel(nnx.Module):
         self.m_head = teacher.head
         self.imnet_backbone = imnet_backbone
         self.hrda_scale_attention, self.m_hrda_scale_attention = scale_attention or (None, None)
+        # Refign's frozen alignment network (eval mode), when config.uda.refign.use_align
+        self.alignment_backbone = None if alignment is None else alignment.alignment_backbone
+        self.alignment_head = None if alignment is None else alignment.alignment_head
         self.global_step = StepCount(jnp.zeros((), jnp.int32))
 
     def __call__(self, x: jax.Array) -> jax.Array:
