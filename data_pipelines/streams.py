@@ -157,26 +157,35 @@ def uda_stream(
     )
 
 
-def eval_source(config: ml_collections.ConfigDict):
-    """The labelled source of config.eval.split: dataset kind eval.source at eval.root, each defaulting to
-    data.source / data.root. Kinds of sources.SOURCES (ade20k, cityscapes) or of refign_sources (acdc,
-    darkzurich, robotcar, ...); on synthetic paired data, the conditions that were written."""
+def eval_source(
+    config: ml_collections.ConfigDict,
+    split: str | None = None,
+    *,
+    kind: str | None = None,
+    root: str | None = None,
+    options: dict | None = None,
+):
+    """The source of `split` (default config.eval.split) of dataset `kind` at `root`, defaulting to
+    eval.source at eval.root, themselves defaulting to data.source / data.root. Kinds of sources.SOURCES
+    (ade20k, cityscapes) or of refign_sources (acdc, darkzurich, robotcar, ...; `options` go to its lister,
+    e.g. night_list); on synthetic paired data, the conditions that were written."""
     from . import refign_sources, synthetic_adverse
     from .sources import SOURCES, build_source
 
     e, d, k = config.eval, config.data, config.model.num_classes
-    kind, root = e.source or d.source, e.root or d.root
+    split = split or e.split
+    kind, root = kind or e.source or d.source, root or e.root or d.root
     if kind in SOURCES:
-        return build_source(kind, root, e.split, num_classes=k)
-    options = {}
+        return build_source(kind, root, split, num_classes=k)
+    options = dict(options or {})
     if d.synthetic.enabled:
         options["check_counts"] = False
         if kind == "acdc":
             written = Path(root) / "rgb_anon"
             options["conditions"] = [
-                c for c in synthetic_adverse.CONDITIONS if (written / c / e.split).is_dir()
+                c for c in synthetic_adverse.CONDITIONS if (written / c / split).is_dir()
             ]
-    return refign_sources.paired_source(kind, root, e.split, num_classes=k, **options)
+    return refign_sources.paired_source(kind, root, split, num_classes=k, **options)
 
 
 def ensure_data(config: ml_collections.ConfigDict) -> None:
