@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from PIL import Image
 from tqdm.auto import tqdm
 
 from ..data_pipelines.detectron2_transforms import Detectron2EvalResize
@@ -17,21 +19,58 @@ from ..data_pipelines.pipeline import eval_batches
 from ..data_pipelines.streams import ensure_data, eval_source
 from ..data_pipelines.transforms import EvalCanvas, EvalResize
 from .inference import predict_at_label_size
-from .metrics import IGNORE, confusion_matrix, summarize
+from .metrics import IGNORE, confusion_matrix, iou_from_confusion, summarize
 from .report import class_names_or_ids, save_triptych, write_results
 
 log = logging.getLogger(__name__)
 
 
-def eval_resize(e):
-    """The evaluation resize the config asks for (config.eval)."""
+@dataclasses.dataclass(frozen=True)
+class LabelsAtInputSize:
+    """`resize` (an EvalResize), then the label, when there is one, resized with PIL nearest to the resized
+    image's size: refign's val stage, whose dataset `dims` resize image and label alike (refign.md 9)."""
+
+    resize: EvalResize
+
+    def __call__(self, example: dict) -> dict:
+        out = self.resize(example)
+        h, w = out["image"].shape[:2]
+        if "label" in out and out["label"].shape != (h, w):
+            label = np.asarray(Image.fromarray(out["label"]).resize((w, h), Image.NEAREST))  # (h, w)
+            out = {**out, "label": label}
+        return out
+
+
+def eval_resize(e, resize_labels: bool | None = None):
+    """The evaluation resize the config asks for (config.eval); with resize_labels (default
+    eval.resize_labels) the labels follow the image (LabelsAtInputSize)."""
+    if resize_labels is None:
+        resize_labels = e.get("resize_labels", False)
     if e.resize == "detectron2":
+        if resize_labels:
+            raise ValueError("eval.resize_labels needs eval.resize 'keep_ratio' (detectron2's resize pads)")
         return Detectron2EvalResize(
             short_edge=e.short_edge, max_size=e.max_size, size_divisibility=e.size_divisibility
         )
     if e.resize != "keep_ratio":
         raise ValueError(f"eval.resize must be 'keep_ratio' or 'detectron2', got {e.resize!r}")
-    return EvalResize(tuple(e.scale) if e.scale else None)
+    resize = EvalResize(tuple(e.scale) if e.scale else None)
+    return LabelsAtInputSize(resize) if resize_labels else resize
+
+
+def summarize_classes(cm: np.ndarray, class_names, present_classes_only: bool = True) -> dict:
+    """metrics.summarize (mIoU over the classes with ground-truth pixels: refign's `over_present_classes`,
+    mmseg's convention); with present_classes_only False, refign's default IoU instead: the mean over all
+    classes, a class absent from labels and predictions (union 0) scoring 0, every class reported."""
+    summary = summarize(cm, class_names)
+    if present_classes_only:
+        return summary
+    iou = np.nan_to_num(iou_from_confusion(cm), nan=0.0)  # (K,) union 0 -> 0
+    return {
+        **summary,
+        "mIoU": 100.0 * float(iou.mean()),
+        "per_class_iou": {name: 100.0 * float(iou[i]) for i, name in enumerate(class_names)},
+    }
 
 
 def degrade_uint8(key: jax.Array, images: jax.Array, indices: jax.Array, cfg) -> jax.Array:
@@ -81,17 +120,23 @@ def evaluate(
     progress: bool = True,
     degradation=None,
     degradation_seed: int = 0,
+    source=None,
+    split: str | None = None,
+    resize_labels: bool | None = None,
 ) -> dict:
     """Evaluates `state` on config.eval.split of eval.source at eval.root (default data.source / data.root,
-    data_pipelines/streams.py eval_source); writes metrics.json, the table and pictures to `out_dir`.
+    data_pipelines/streams.py eval_source), or on `source` (a labelled source; `split` names it in the
+    record); writes metrics.json, the table and pictures to `out_dir`. Labels stay at their resolution
+    unless resize_labels (default eval.resize_labels); mIoU as eval.present_classes_only (summarize_classes).
     With `degradation` (a data_pipelines.degradation preset config) every input image is degraded on the
     device first, seeded by (degradation_seed, image index)."""
     cfg = trainer.config
     num_classes = cfg.model.num_classes
-    source = eval_source(cfg)
+    split = split or cfg.eval.split
+    source = eval_source(cfg) if source is None else source
     steps, batches = eval_batches(
         source,
-        eval_resize(cfg.eval),
+        eval_resize(cfg.eval, resize_labels),
         canvas=EvalCanvas(cfg.eval.label_bucket, cfg.eval.image_bucket),
         global_batch=cfg.eval.batch_size,
         process_index=jax.process_index(),
@@ -108,7 +153,7 @@ def evaluate(
     out_dir = Path(out_dir) if out_dir is not None else None
     show = progress and jax.process_index() == 0
     for t, batch in enumerate(
-        tqdm(batches, total=steps, desc=f"eval {cfg.eval.split}", disable=not show, leave=False)
+        tqdm(batches, total=steps, desc=f"eval {split}", disable=not show, leave=False)
     ):
         first = t * cfg.eval.batch_size + jax.process_index() * local  # global index of the first local image
         batch = {**batch, "index": np.arange(first, first + local, dtype=np.int32)}
@@ -132,14 +177,18 @@ def evaluate(
                     num_classes,
                 )
                 pictures_left -= 1
-    summary = summarize(cm, class_names_or_ids(cfg.data.get("class_names"), num_classes))
+    summary = summarize_classes(
+        cm,
+        class_names_or_ids(cfg.data.get("class_names"), num_classes),
+        cfg.eval.get("present_classes_only", True),
+    )
     summary["num_images"] = len(source)
     if out_dir is not None and jax.process_index() == 0:
         summary["table"] = write_results(
             out_dir,
             {k: v for k, v in summary.items() if k != "num_images"},
             len(source),
-            extra={"step": int(state.step), "split": cfg.eval.split, "source": source.description},
+            extra={"step": int(state.step), "split": split, "source": source.description},
         )
     return summary
 

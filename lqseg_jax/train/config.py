@@ -80,6 +80,14 @@ def base_config() -> ml_collections.ConfigDict:
             stride=(341, 341),
             batch_size=1,
             num_pictures=8,
+            # Protocol fields (refign.md section 9; lqseg_jax/eval/refign_protocols.py, scripts/eval.py):
+            resize_labels=False,  # True: labels resized (nearest) to the network input, as refign's val stage
+            present_classes_only=True,  # mIoU over classes with ground truth; False: over all, union 0 -> 0
+            test_split="",  # split of `scripts/eval.py --protocol test` (labels at full res); "" = split
+            predict_split="test",  # split `scripts/eval.py --predict` writes predictions for (unlabelled)
+            # more labelled sets scripts/eval.py evaluates after the main split, labels at full resolution:
+            # name -> dict(source=kind, root=folder, split=..., options=dict(lister options, e.g. night_list))
+            extra_sets=ml_collections.ConfigDict(),
         )
     )
     return c
