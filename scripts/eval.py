@@ -20,8 +20,9 @@ the light / medium / heavy presets (seeded by --degradation_seed and the image i
 --predict writes, instead, the predictions of eval.predict_split (default test: ACDC 2000, Dark Zurich 151
 unlabelled images) as refign's predict stage does, with a progress bar: OUT/preds/<Dataset>/<image name>
 (8-bit train ids at the image's size, 1080x1920: what the ACDC and Dark Zurich servers score) and
-OUT/color_preds/<Dataset>/<image name> (Cityscapes-palette PNG); OUT is --out, else WORKDIR/predict or
-CONVERTED/predict, and must lie outside the dataset folder.
+OUT/color_preds/<Dataset>/<image name> (Cityscapes-palette PNG); for Dark Zurich also the zip its CodaLab
+server takes, OUT/DarkZurich_test_submission.zip. OUT is --out, else WORKDIR/predict or CONVERTED/predict,
+and must lie outside the dataset folder.
 
 The workdir's latest checkpoint is evaluated unless --step N names another; a damaged checkpoint (files
 changed since the save, or non-finite values) is refused. Errors in the inputs end in one line and exit
@@ -83,6 +84,8 @@ def main(argv):
             f"wrote {record['num_images']} {record['dataset']} {record['split']} predictions: train ids in "
             f"{record['preds']}, colours in {record['color_preds']}"
         )
+        if "submission" in record:
+            print(f"the zip for the benchmark server: {record['submission']}")
         return
     if f.robustness:
         record = robustness_curve(trainer, state, out, seed=f.degradation_seed)

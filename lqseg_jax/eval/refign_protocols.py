@@ -25,18 +25,21 @@ resizes it, scores resized (bilinear) to the image's own size (1080x1920 for bot
 refign's predict stage writes them: OUT/preds/<Dataset>/<image file name> (8-bit train ids 0..18, the
 Cityscapes trainId table) and OUT/color_preds/<Dataset>/<image file name> (the same ids as a palette PNG with
 the Cityscapes colours), <Dataset> as refign names it (ACDC, DarkZurich, RobotCar), a non-PNG image name
-getting the suffix .png. Both benchmark servers score train ids at 1920x1080: zip the preds/<Dataset> files
-for ACDC (acdc.vision.ee.ethz.ch/submit); Dark Zurich's CodaLab server (competition 3783) takes a zip with
-folders labelTrainIds/, labelTrainIds_invalid/ and confidence/, files matched by
-<sequence>_frame_<frame>*.png.
+getting the suffix .png. Both benchmark servers score train ids at 1920x1080: zip the preds/ACDC files for
+ACDC (acdc.vision.ee.ethz.ch/submit); for Dark Zurich (CodaLab competition 3783, files matched by
+<sequence>_frame_<frame>*.png) OUT/DarkZurich_<split>_submission.zip is written too, with the three top-level
+folders that server requires (darkzurich_submission).
 """
 
 from __future__ import annotations
 
+import io
 import json
+import zipfile
 from pathlib import Path
 
 import jax
+import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -172,10 +175,31 @@ def predict_split(trainer, state, out_dir: str | Path, *, progress: bool = True)
             colour.save(colour_dir / names[k])
         bar.update()
     bar.close()
-    return {
+    record = {
         "dataset": dataset,
         "split": e.predict_split,
         "num_images": len(names),
         "preds": str(label_dir),
         "color_preds": str(colour_dir),
     }
+    if kind == "darkzurich" and jax.process_index() == 0:
+        record["submission"] = str(out_dir / f"{dataset}_{e.predict_split}_submission.zip")
+        darkzurich_submission(label_dir, names, Path(record["submission"]))
+    return record
+
+
+def darkzurich_submission(label_dir: Path, names: list[str], zip_path: Path) -> None:
+    """The zip Dark Zurich's CodaLab server takes: top-level folders labelTrainIds/ (the train-id PNGs),
+    labelTrainIds_invalid/ (the same: no pixel declared invalid, so UIoU = IoU) and confidence/ (uint16 PNGs,
+    65535 = confidence 1 everywhere: only the server's average UIoU reads them), the files flat, named as
+    the images. IoU, the number refign reports, comes from labelTrainIds alone."""
+    with zipfile.ZipFile(zip_path, "w", zipfile.ZIP_DEFLATED) as z:
+        for name in names:
+            data = (label_dir / name).read_bytes()
+            z.writestr(f"labelTrainIds/{name}", data)
+            z.writestr(f"labelTrainIds_invalid/{name}", data)
+            with Image.open(io.BytesIO(data)) as im:
+                w, h = im.size
+            buf = io.BytesIO()
+            Image.fromarray(np.full((h, w), 65535, np.uint16)).save(buf, format="PNG")
+            z.writestr(f"confidence/{name}", buf.getvalue())

@@ -4,7 +4,9 @@ number can be restated in numpy: PIL's antialiased bilinear image resize, the lo
 (torch align_corners=False, no antialias) to the label, the argmax, and refign's IoU (mean over all classes,
 union 0 -> 0, or over the classes with ground truth). The real UDA network: tests/scripts/test_refign_predict.py."""
 
+import io
 import json
+import zipfile
 from types import SimpleNamespace
 
 import jax
@@ -258,7 +260,7 @@ def test_predict_writes_refign_files(datasets, tmp_path):
     record = predict_split(trainer, trainer.state, tmp_path / "pred", progress=False)
     assert record["num_images"] == 2 and record["dataset"] == "DarkZurich"
     names = [f"GOPR0356_frame_{f:06d}_rgb_anon.png" for f in (321, 322)]
-    assert sorted(p.name for p in (tmp_path / "pred").rglob("*") if p.is_file()) == sorted(names * 2)
+    assert sorted(p.name for p in (tmp_path / "pred").rglob("*.png")) == sorted(names * 2)
     for i, name in enumerate(names):
         ids = Image.open(tmp_path / "pred/preds/DarkZurich" / name)
         assert ids.mode == "L" and ids.size == (128, 64)
@@ -270,6 +272,16 @@ def test_predict_writes_refign_files(datasets, tmp_path):
         np.testing.assert_array_equal(
             np.asarray(colour.convert("RGB")), np.array(CITYSCAPES_COLOURS, np.uint8)[expected]
         )
+    # Dark Zurich's server zip: three top-level folders, flat, train ids twice and a uint16 confidence
+    with zipfile.ZipFile(tmp_path / "pred" / "DarkZurich_test_submission.zip") as z:
+        folders = ("labelTrainIds", "labelTrainIds_invalid", "confidence")
+        assert sorted(z.namelist()) == sorted(f"{d}/{n}" for d in folders for n in names)
+        for i, name in enumerate(names):
+            for d in folders[:2]:
+                ids = np.asarray(Image.open(io.BytesIO(z.read(f"{d}/{name}"))))
+                np.testing.assert_array_equal(ids, np_predict(trainer, image(20 + i), FULL))
+            confidence = Image.open(io.BytesIO(z.read(f"confidence/{name}")))
+            assert confidence.size == (128, 64) and (np.asarray(confidence) == 65535).all()
 
 
 def test_predict_refuses_the_dataset_folder_and_clashing_names(datasets, tmp_path):

@@ -115,7 +115,11 @@ def test_eval_test_protocol_and_predict_through_the_script(repo, tmp_path, monke
     assert exit_info.value.code == 2 and "inside the dataset folder" in capsys.readouterr().err
 
     run_script(repo, "eval", [*common, "--predict", f"--out={tmp_path / 'pred'}"])
-    assert "wrote 3 DarkZurich test predictions" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "wrote 3 DarkZurich test predictions" in printed
+    assert (
+        f"the zip for the benchmark server: {tmp_path / 'pred' / 'DarkZurich_test_submission.zip'}" in printed
+    )
     written = sorted(str(p.relative_to(tmp_path / "pred")) for p in (tmp_path / "pred").rglob("*.png"))
     assert written == sorted(
         f"{kind}/DarkZurich/{n}" for kind in ("preds", "color_preds") for n in TEST_NAMES
