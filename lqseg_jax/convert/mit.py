@@ -13,9 +13,8 @@ Two namings of the MiT weights:
   a transformers model exactly.
 
 `scripts/convert.py mit` converts such an encoder checkpoint alone (e.g. the ImageNet weights that
-start DAFormer training). The refign Lightning checkpoint (`ckpt["state_dict"]`) holds the student as
-`backbone.*` / `head.*` and the EMA teacher as `m_backbone.*` / `m_head.*`; `scripts/convert.py refign`
-converts either.
+start DAFormer training). Refign's Lightning checkpoints (MiT + DAFormer head student and EMA teacher, and
+more) are converted by convert/refign.py with `load_mit` / `load_daformer_head` of this module.
 """
 
 from __future__ import annotations
@@ -42,7 +41,6 @@ from lqseg_jax.convert.common import (
 )
 from lqseg_jax.models.daformer_head import DAFormerHead
 from lqseg_jax.models.mit import MIT_PRESETS, MixVisionTransformer
-from lqseg_jax.models.segmentor import EncoderDecoder
 
 M = TypeVar("M", bound=nnx.Module)
 
@@ -170,11 +168,6 @@ def load_daformer_head(
     load_torch_state(head, _numpy_copy(strip_prefix(state_dict, prefix)), source=source)
 
 
-def refign_prefixes(teacher: bool) -> tuple[str, str]:
-    """(backbone prefix, head prefix) in a refign Lightning state_dict: student, or the EMA teacher."""
-    return ("m_backbone.", "m_head.") if teacher else ("backbone.", "head.")
-
-
 def infer_mit_preset(state_dict: Mapping[str, object], prefix: str = "") -> str:
     """The b0..b5 preset whose stage widths and depths the mmseg-named keys under `prefix` have."""
     dims, depths = [], []
@@ -192,29 +185,6 @@ def infer_mit_preset(state_dict: Mapping[str, object], prefix: str = "") -> str:
         f"no MiT preset has stage widths {dims} and depths {depths} (keys under '{prefix}'); "
         f"known: { {n: (p['embed_dims'], p['depths']) for n, p in MIT_PRESETS.items()} }"
     )
-
-
-def _require_prefixes(state_dict: Mapping[str, object], prefixes: tuple[str, ...], source: str) -> None:
-    for prefix in prefixes:
-        if not any(k.startswith(prefix) for k in state_dict):
-            found = sorted({k.split(".")[0] for k in state_dict})
-            raise CheckpointError(f"{source}: no key starts with '{prefix}' (top-level names: {found})")
-
-
-def load_refign(
-    backbone: MixVisionTransformer,
-    head: DAFormerHead,
-    state_dict: Mapping[str, object],
-    *,
-    teacher: bool = False,
-    source: str = "refign checkpoint",
-) -> None:
-    """Loads the student (or, with `teacher`, the EMA teacher) MiT + DAFormer head of a refign
-    Lightning `ckpt["state_dict"]` into `backbone` and `head` in place."""
-    bb_prefix, head_prefix = refign_prefixes(teacher)
-    _require_prefixes(state_dict, (bb_prefix, head_prefix), source)
-    load_mit(backbone, state_dict, naming="mmseg", prefix=bb_prefix, source=f"{source} [{bb_prefix}*]")
-    load_daformer_head(head, state_dict, prefix=head_prefix, source=f"{source} [{head_prefix}*]")
 
 
 def blank_model(make: Callable[[], M]) -> M:
@@ -276,69 +246,6 @@ def convert_mit(
     return save_converted(out, model, meta)
 
 
-def convert_refign(
-    src: str | Path, out: str | Path, *, teacher: bool = False, trust_pickle: bool = False
-) -> Path:
-    """refign Lightning checkpoint -> `out`: save_converted of EncoderDecoder(MiT, DAFormerHead) (state
-    {"backbone", "head"}; restore with load_converted into the same network, e.g. DAFormerSystem's model).
-
-    The MiT preset, class count and head widths are read from the weights. Meta: those, teacher, source,
-    and the top-level key groups not converted (e.g. the alignment network, HRDA's scale attention).
-    """
-    src = Path(src)
-    ckpt = _load_torch_checkpoint(src, trust_pickle)
-    if not isinstance(ckpt, Mapping) or "state_dict" not in ckpt:
-        found = sorted(ckpt) if isinstance(ckpt, Mapping) else type(ckpt).__name__
-        raise CheckpointError(f"{src}: expected a Lightning checkpoint with 'state_dict', found {found}")
-    sd = ckpt["state_dict"]
-    bb_prefix, head_prefix = refign_prefixes(teacher)
-    _require_prefixes(sd, (bb_prefix, head_prefix), str(src))
-    preset = infer_mit_preset(sd, bb_prefix)
-    seg_key = f"{head_prefix}conv_seg.weight"
-    if seg_key not in sd:
-        raise CheckpointError(f"{src}: '{seg_key}' is missing (cannot read the number of classes)")
-    num_classes, channels = (int(n) for n in sd[seg_key].shape[:2])
-    bias_key = f"{head_prefix}conv_seg.bias"
-    if bias_key in sd and tuple(sd[bias_key].shape) != (num_classes,):
-        raise CheckpointError(
-            f"{src}: '{seg_key}' has shape {tuple(sd[seg_key].shape)} ({num_classes} classes) but '{bias_key}' "
-            f"has {tuple(sd[bias_key].shape)}; expected ({num_classes},)"
-        )
-    embed_key = f"{head_prefix}embed_layers.0.proj.weight"
-    if embed_key not in sd:
-        raise CheckpointError(f"{src}: '{embed_key}' is missing (cannot read the head's embedding width)")
-    embed_dims = int(sd[embed_key].shape[0])
-    in_channels = MIT_PRESETS[preset]["embed_dims"]
-    net = blank_model(
-        lambda: EncoderDecoder(
-            MixVisionTransformer.from_preset(preset, rngs=nnx.Rngs(0)),
-            DAFormerHead(
-                in_channels, num_classes, channels=channels, embed_dims=embed_dims, rngs=nnx.Rngs(1)
-            ),
-        )
-    )
-    load_refign(net.backbone, net.head, sd, teacher=teacher, source=str(src))
-    others = sorted({k.split(".")[0] for k in sd} - {bb_prefix[:-1], head_prefix[:-1]})
-    meta = dict(
-        format="refign",
-        source=str(src),
-        teacher=teacher,
-        backbone=f"mit_{preset}",
-        num_classes=num_classes,
-        in_channels=list(in_channels),
-        head_channels=channels,
-        head_embed_dims=embed_dims,
-        layout="EncoderDecoder(backbone=MixVisionTransformer, head=DAFormerHead)",
-        not_converted=others,
-    )
-    return save_converted(out, net, meta)
-
-
-def _run_refign(args) -> None:
-    path = convert_refign(args.src, args.out, teacher=args.teacher, trust_pickle=args.trust_pickle)
-    print(f"wrote {path}")
-
-
 def _run_mit(args) -> None:
     path = convert_mit(
         args.src, args.out, naming=args.naming, prefix=args.prefix, trust_pickle=args.trust_pickle
@@ -355,20 +262,7 @@ def _trust_pickle_arg(p) -> None:
 
 
 def register_cli(subparsers) -> None:
-    """`scripts/convert.py refign --src CKPT --out DIR [--teacher]` and
-    `scripts/convert.py mit --src mit_b5.pth --out DIR [--naming auto|mmseg|transformers] [--prefix P]`."""
-    p = subparsers.add_parser(
-        "refign",
-        help="refign/DAFormer Lightning checkpoint -> MiT backbone + DAFormer head",
-        description="Converts backbone.*/head.* (or, with --teacher, the EMA teacher m_backbone.*/m_head.*) "
-        "of a refign Lightning checkpoint; the MiT preset and class count are read from the weights.",
-    )
-    p.add_argument("--src", required=True, help="Lightning .ckpt file")
-    p.add_argument("--out", required=True, help="output folder (orbax state + meta.json)")
-    p.add_argument("--teacher", action="store_true", help="convert the EMA teacher (m_backbone/m_head)")
-    _trust_pickle_arg(p)
-    p.set_defaults(run=_run_refign)
-
+    """`scripts/convert.py mit --src mit_b5.pth --out DIR [--naming auto|mmseg|transformers] [--prefix P]`."""
     p = subparsers.add_parser(
         "mit",
         help="MiT encoder weights (official SegFormer mit_b*.pth, or transformers Segformer) -> MiT",

@@ -15,7 +15,8 @@ from torch import nn
 from transformers import SegformerConfig, SegformerModel
 
 from lqseg_jax.convert.common import CheckpointError, load_converted
-from lqseg_jax.convert.mit import blank_model, load_daformer_head, mit_state_from_transformers, register_cli
+from lqseg_jax.convert.mit import blank_model, load_daformer_head, mit_state_from_transformers
+from lqseg_jax.convert.refign import register_cli
 from lqseg_jax.models.daformer_head import DAFormerHead
 from lqseg_jax.models.layers import resize_bilinear
 from lqseg_jax.models.mit import MIT_PRESETS, MixVisionTransformer
@@ -300,7 +301,7 @@ def test_refign_cli_converts_student_or_teacher(tmp_path):
         )
         return net, load_converted(out, net)
 
-    for role, flag in [("teacher", ["--teacher"]), ("student", [])]:
+    for role, flag in [("teacher", ["--teacher-only"]), ("student", ["--student-only"])]:
         out = tmp_path / role
         run_cli(["refign", "--src", str(src), "--out", str(out), *flag])
         net, meta = restored(out)
@@ -326,7 +327,7 @@ def test_refign_cli_converts_student_or_teacher(tmp_path):
 
     torch.save({"state_dict": {k: v for k, v in sd.items() if not k.startswith("m_head.")}}, src)
     with pytest.raises(CheckpointError, match=r"no key starts with 'm_head\.'"):
-        run_cli(["refign", "--src", str(src), "--out", str(tmp_path / "x"), "--teacher"])
+        run_cli(["refign", "--src", str(src), "--out", str(tmp_path / "x"), "--teacher-only"])
     torch.save({"model": {}}, src)
     with pytest.raises(
         CheckpointError, match=r"expected a Lightning checkpoint with 'state_dict', found \['model'\]"
