@@ -60,3 +60,22 @@ def test_runtime_imports_are_in_requirements_txt():
             missing.add((module, file))
     assert not missing, f"imported but not in requirements.txt: {sorted(missing)}"
     assert not misplaced, f"optional packages imported outside their lazy places: {sorted(misplaced)}"
+
+
+def _pins(lock: str) -> dict[str, str]:
+    pins = {}
+    for line in (REPO / lock).read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            name, _, version = line.partition("==")
+            pins[_norm(name)] = version
+    return pins
+
+
+def test_test_lock_holds_the_runtime_lock():
+    """`make demo` (requirements.lock) and `make test` (requirements-test.lock) run the same versions of
+    every runtime package (e.g. pillow, which writes the demo's synthetic JPEGs), and gradio is tested."""
+    runtime, test = _pins("requirements.lock"), _pins("requirements-test.lock")
+    moved = {name: (v, test.get(name)) for name, v in runtime.items() if test.get(name) != v}
+    assert not moved, f"runtime lock -> test lock: {moved}"
+    assert {"gradio", "gradio-client"} <= test.keys()

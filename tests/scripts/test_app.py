@@ -1,16 +1,14 @@
 """scripts/app.py's web demo through its HTTP API (gradio's Python client) on a random-weight tiny model:
-an uploaded image comes back as the input, its degraded copy, the overlay and the legend."""
+an uploaded image comes back as the input, its degraded copy, the overlay and the legend. gradio is in
+requirements-test.lock (the `app` extra for users), so this runs in `make test` rather than skipping."""
 
 import importlib.util
 import socket
 
 import numpy as np
-import pytest
-from PIL import Image
-
-pytest.importorskip("gradio", reason="the web demo's optional extra: pip install -e '.[app]'")
 from absl import flags
 from gradio_client import Client, handle_file
+from PIL import Image
 
 from lqseg_jax.predict import LEGEND_PAD, LEGEND_SWATCH, Predictor
 
