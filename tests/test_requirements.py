@@ -78,4 +78,6 @@ def test_test_lock_holds_the_runtime_lock():
     runtime, test = _pins("requirements.lock"), _pins("requirements-test.lock")
     moved = {name: (v, test.get(name)) for name, v in runtime.items() if test.get(name) != v}
     assert not moved, f"runtime lock -> test lock: {moved}"
-    assert {"gradio", "gradio-client"} <= test.keys()
+    assert {"gradio", "gradio-client"} <= test.keys(), (
+        "requirements-test.lock lacks gradio (tests/scripts/test_app.py)"
+    )
