@@ -18,7 +18,7 @@ import torch
 from flax import nnx
 
 from lqseg_jax.convert.common import CheckpointError, load_converted
-from lqseg_jax.convert.refign import abstract_module, load_refign_converted
+from lqseg_jax.convert.refign import abstract_module, is_refign_converted, load_refign_converted
 from lqseg_jax.models.daformer_head import DAFormerHead
 from lqseg_jax.models.hrda import SegFormerHead
 from lqseg_jax.models.mit import MixVisionTransformer
@@ -355,6 +355,7 @@ def test_small_checkpoint_config_checks_partial_restore_and_student_only(
     meta = load_converted(student, net)
     assert meta["format"] == "refign" and meta["teacher"] is False and meta["num_classes"] == 7
     np.testing.assert_array_equal(value(net.head.conv_seg.kernel), conv(sd["head.conv_seg.weight"]))
+    assert is_refign_converted(out) and not is_refign_converted(student)
     with pytest.raises(CheckpointError, match="has format 'refign', not 'refign-uda'"):
         load_refign_converted(model, student)
 

@@ -316,7 +316,6 @@ def convert_refign(src: str | Path, out: str | Path, *, trust_pickle: bool = Fal
         num_tensors=counts,
         skipped=skipped,
     )
-    _print_skipped(skipped)
     return save_converted(out, model, meta)
 
 
@@ -345,7 +344,6 @@ def convert_refign_network(
         not_converted=sorted({k.split(".")[0] for k in skipped["unused_keys"]}),
         skipped=skipped,
     )
-    _print_skipped(skipped)
     return save_converted(out, net, meta)
 
 
@@ -418,6 +416,12 @@ def check_refign_meta(model: UDAModel, meta: Mapping[str, Any], path: Path) -> N
         )
 
 
+def is_refign_converted(path: str | Path) -> bool:
+    """Whether `path` is a `convert_refign` folder (meta.json format "refign-uda"): the whole UDAModel."""
+    meta = Path(path) / "meta.json"
+    return meta.is_file() and json.loads(meta.read_text()).get("format") == FORMAT
+
+
 def load_refign_converted(model: UDAModel, path: str | Path) -> dict[str, Any]:
     """Restores a `convert_refign` folder into `model` (a UDAModel built from a config) in place, after
     `check_refign_meta`. Returns meta.json plus `not_restored`: the folder's groups the model lacks."""
@@ -460,6 +464,7 @@ def _run(args) -> None:
         )
     else:
         path = convert_refign(args.src, args.out, trust_pickle=args.trust_pickle)
+    _print_skipped(json.loads((path / "meta.json").read_text())["skipped"])
     print(f"wrote {path}")
 
 
