@@ -9,6 +9,11 @@ Numerics as the original: LayerNorm eps 1e-6 in blocks and stage norms (`layer_n
 is a conv with kernel = stride = sr (floor, as torch) + LayerNorm; Mix-FFN fc1 -> 3x3 depthwise conv ->
 exact GELU -> fc2; stochastic depth linear from 0 to `drop_path_rate` over all blocks, active in train
 mode only. Parameters fp32; `dtype` sets the compute dtype (LayerNorm and softmax stay fp32).
+
+`block_remat` (memory for compute, off by default): each transformer block runs under `nnx.remat` with
+the named `jax.checkpoint_policies` policy, so a backward pass keeps what the policy saves
+("nothing_saveable": only each block's input) and recomputes the rest of the block; outputs and
+gradients are unchanged.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ from lqseg_jax.models.layers import DropPath
 _LINEAR_INIT = jax.nn.initializers.normal(0.02)
 PATCH_SIZES = (7, 3, 3, 3)
 PATCH_STRIDES = (4, 2, 2, 2)
+# block_remat: what each block keeps for the backward pass, as jax.checkpoint_policies names
+BLOCK_REMAT_POLICIES = ("nothing_saveable", "dots_with_no_batch_dims_saveable", "dots_saveable")
 
 MIT_PRESETS: dict[str, dict] = {
     "b0": dict(embed_dims=(32, 64, 160, 256), depths=(2, 2, 2, 2)),
@@ -189,6 +196,10 @@ class Block(nnx.Module):
         return x + self.drop_path(self.mlp(self.norm2(x.astype(jnp.float32))))  # (b, h, w, c)
 
 
+def _call(block: Block, x: jax.Array) -> jax.Array:
+    return block(x)  # (b, h, w, c)
+
+
 class MixVisionTransformer(nnx.Module):
     """MiT encoder. Input (b, h, w, in_chans), already normalised; output the 4 stage features (b, h_s, w_s,
     embed_dims[s]) at strides 4, 8, 16, 32 in the compute dtype. Torch conv arithmetic: any h, w at least
@@ -210,9 +221,15 @@ class MixVisionTransformer(nnx.Module):
         drop_path_rate: float = 0.1,
         layer_norm_eps: float = 1e-6,
         dtype=jnp.float32,
+        block_remat: str | None = None,
         *,
         rngs: nnx.Rngs,
     ):
+        if block_remat is not None and block_remat not in BLOCK_REMAT_POLICIES:
+            raise ValueError(
+                f"MixVisionTransformer: block_remat must be None or one of {', '.join(BLOCK_REMAT_POLICIES)} "
+                f"(jax.checkpoint_policies), got {block_remat!r}"
+            )
         for name, seq in dict(
             embed_dims=embed_dims, num_heads=num_heads, depths=depths, sr_ratios=sr_ratios
         ).items():
@@ -225,6 +242,7 @@ class MixVisionTransformer(nnx.Module):
         self.sr_ratios = tuple(int(s) for s in sr_ratios)
         self.in_chans = in_chans
         self.dtype = dtype
+        self.block_remat = block_remat
         rates = np.linspace(0.0, drop_path_rate, sum(self.depths))  # stochastic depth decay rule
         cur = 0
         in_dim = in_chans
@@ -285,11 +303,14 @@ class MixVisionTransformer(nnx.Module):
     def __call__(self, x: jax.Array) -> list[jax.Array]:
         self._check_input(x)
         x = x.astype(self.dtype)  # (b, h, w, in_chans)
+        run_block = _call
+        if self.block_remat is not None:
+            run_block = nnx.remat(_call, policy=getattr(jax.checkpoint_policies, self.block_remat))
         outs = []
         for s in range(1, 5):
             x = getattr(self, f"patch_embed{s}")(x)  # (b, h_s, w_s, c_s)
             for blk in getattr(self, f"block{s}"):
-                x = blk(x)  # (b, h_s, w_s, c_s)
+                x = run_block(blk, x)  # (b, h_s, w_s, c_s)
             x = getattr(self, f"norm{s}")(x.astype(jnp.float32)).astype(self.dtype)  # (b, h_s, w_s, c_s)
             outs.append(x)
         return outs
