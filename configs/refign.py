@@ -1,7 +1,8 @@
-"""Self-training UDA with MiT + DAFormer head (refign.md section 7): Cityscapes -> adverse conditions.
+"""Refign-DAFormer (refign.md sections 7 and 8): self-training UDA with MiT + DAFormer head, Cityscapes ->
+adverse conditions, the teacher's target prediction refined with its prediction of the aligned
+normal-condition reference (frozen UAWarpC; config.uda.refign), adapting to the reference half the time.
 
-Variants (`--config configs/refign.py:VARIANT`; append `,source_only` for the source-only baseline, e.g.
-`:tiny,source_only`: same network, data and schedule, no target loss):
+Variants (`--config configs/refign.py:VARIANT[,FLAG]`):
   "acdc" (default): Cityscapes (512x1024, 512 crops, cat_max_ratio 0.75, RCS) -> ACDC (540x960, 512 crops);
          MiT-B5 from ImageNet weights (model.pretrained.path = a `scripts/convert.py mit` output), batch 2 + 2,
          AdamW head 6e-4 / backbone 6e-5, wd 0.01 (0 on 1-D), warmup 1500 then linear to 0 at 40k.
@@ -11,7 +12,20 @@ Variants (`--config configs/refign.py:VARIANT`; append `,source_only` for the so
          ColorJitter(0.25, 0.25, 0.25, 0.1), no cat-max check; dropped from the step with p 0.5) + 2 pairs.
   "tiny": MiT-B0 with a 64-wide head, random init, on the synthetic paired data (Cityscapes-layout scenes ->
          ACDC-layout night/fog/rain), 64x64 crops, batch 8 + 8, 300 steps, EMA 0.99,
-         pseudo-label threshold 0.9 (tests, demo).
+         pseudo-label threshold 0.9 (tests, demo); a tiny UAWarpC (VGG widths 8-32, the width of
+         configs/uawarpc.py:tiny) left random unless uda.refign.alignment.path names trained weights
+         (`scripts/eval_matching.py --export` of a configs/uawarpc.py:tiny run); static classes = the
+         synthetic scenes' sky, grass, road, water, building, sand.
+The main variants are the paper's Refign (ablation row 6: use_refign, use_align, gamma 0.25, adapt_to_ref),
+with the alignment network from uda.refign.alignment.path = a `scripts/convert.py uawarpc --src
+uawarpc_megadepth.ckpt` output folder (default weights/uawarpc_megadepth; an empty path is refused unless
+uda.refign.alignment.allow_random). One flag may follow the variant:
+  ",row1" .. ",row6": the ablation rows of refign.md section 8 (row 1: unaligned reference, eps 0.5;
+         row 2: aligned, eps 0.5 inside the valid warp; row 3: eps P; row 4: max(P, M); row 5: s max(P, M),
+         gamma 0.25; row 6 = the default);
+  ",no_refign": the UDA baseline without Refign (plain teacher on the target, no adaptation to the
+         reference, no alignment network), e.g. `:tiny,no_refign`;
+  ",source_only": the source-only baseline (same network, data and schedule, no target loss, no Refign).
 Evaluation (scripts/eval.py, eval_every) is on the target's val split (eval.source / eval.root): ACDC,
 Dark Zurich, RobotCar val; for "tiny" the synthetic ACDC-layout val split. Override any field with
 --config.key=value (when changing data.target_root, change eval.root too).
@@ -26,16 +40,28 @@ CITYSCAPES_CLASSES = (
     "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle",
 )  # fmt: skip
 TARGETS = ("acdc", "darkzurich", "robotcar", "tiny")
+# refign.md section 8 (configs/cityscapes_acdc/ablations): use_align, disable_P, disable_M, gamma, adapt_to_ref
+ROWS = {
+    "row1": (False, False, True, 0.0, False),
+    "row2": (True, True, True, 0.0, False),
+    "row3": (True, False, True, 0.0, False),
+    "row4": (True, False, False, 0.0, False),
+    "row5": (True, False, False, 0.25, False),
+    "row6": (True, False, False, 0.25, True),
+}
+FLAGS = ("source_only", "no_refign", *ROWS)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     parts = (arg or "acdc").split(",")
     variant, flags = parts[0], set(parts[1:])
-    if variant not in TARGETS or not flags <= {"source_only"}:
+    if variant not in TARGETS or not flags <= set(FLAGS) or len(flags) > 1:
         raise ValueError(
-            f"configs/refign.py variants: {', '.join(TARGETS)} (default acdc), optionally followed by "
-            f"',source_only'; got {arg!r}"
+            f"configs/refign.py variants: {', '.join(TARGETS)} (default acdc), optionally followed by one of "
+            f"{', '.join(',' + f for f in FLAGS)}; got {arg!r}"
         )
+    flag = next(iter(flags), "row6")
+    use_align, disable_p, disable_m, gamma, adapt_to_ref = ROWS.get(flag, ROWS["row6"])
     c = base_config()
     c.system = "uda"
     c.model.backbone = "mit_b5"
@@ -47,7 +73,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.pretrained.prefix = "backbone"  # copied into the teacher and the ImageNet encoder at load
     c.uda = ml_collections.ConfigDict(
         dict(
-            enabled="source_only" not in flags,  # False: source CE (+ feature distance) only
+            enabled=flag != "source_only",  # False: source CE (+ feature distance) only
             ema_momentum=0.999,
             teacher_dropout=True,  # refign's quirk; False as DAFormer/HRDA (teacher dropout and drop-path off)
             pseudo_threshold=0.968,
@@ -61,6 +87,29 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                 weight=0.005,
                 classes=(6, 7, 11, 12, 13, 14, 15, 16, 17, 18),
                 min_ratio=0.75,
+            ),
+            refign=dict(  # refign.md sections 3.9 and 8; systems/refign.py
+                use_refign=flag in ROWS,  # teacher on target + reference, refine with the reference
+                use_align=use_align,  # warp the reference logits onto the target (False: row 1)
+                disable_P=disable_p,  # P := 0.5
+                disable_M=disable_m,  # M := 0
+                gamma=gamma,  # trust s = (mean normalised entropy)^gamma
+                adapt_to_ref=flag in ROWS and adapt_to_ref,  # p 0.5: self-train on the reference alone
+                static_classes=(
+                    0,
+                    1,
+                    2,
+                    3,
+                    4,
+                    8,
+                    9,
+                    10,
+                ),  # M's classes: road .. fence, vegetation, terrain, sky
+                alignment=dict(
+                    path="weights/uawarpc_megadepth",  # a `scripts/convert.py uawarpc` output folder
+                    allow_random=False,  # True: an empty path leaves the alignment random (tests, demos)
+                    vgg_widths=(),  # () = VGG-16's (64, 128, 256, 512, 512)
+                ),
             ),
         )
     )
@@ -122,6 +171,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # included) and a threshold a 300-step network reaches on the adverse images
         c.uda.ema_momentum = 0.99
         c.uda.pseudo_threshold = 0.9
+        c.uda.refign.static_classes = (0, 1, 2, 3, 4, 5)  # sky, grass, road, water, building, sand
+        c.uda.refign.alignment.path = ""
+        c.uda.refign.alignment.allow_random = True
+        c.uda.refign.alignment.vgg_widths = (8, 16, 24, 32, 32)
         c.data.root = "data/synthetic_adverse/cityscapes"
         c.data.target_root = "data/synthetic_adverse/acdc"
         c.data.class_names = CLASSES

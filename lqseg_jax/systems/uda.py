@@ -14,16 +14,23 @@ and resumed with everything else. One loss call is one refign training step:
    target ones (rotated-in pixels zeroed after normalisation), except with probability labelled_drop_p
    per step, when it is the source images alone (refign's ignore_every_second_semantic_training_batch);
 4. teacher (train mode: BN batch statistics, its running stats updated; dropout and drop-path on unless
-   teacher_dropout is False) on x_t -> softmax probabilities; pseudo-label, one confidence weight;
+   teacher_dropout is False) on x_t -> softmax probabilities; pseudo-label, one confidence weight.
+   Refign (config.uda.refign, refign.md sections 3.9 and 8; the math in systems/refign.py): with
+   use_refign the teacher runs once on cat[x_t, x_r] (its BN sees 2 bt images), logits bilinear to the
+   crop; with use_align the frozen UAWarpC (`alignment_backbone`, `alignment_head`, eval mode: BN running
+   statistics, never updated, never trained) warps the reference logits onto the target with its validity
+   mask and confidence P, else the reference stays unaligned (ablation row 1); `refine` mixes them into the
+   probabilities. adapt_to_ref: with probability 0.5 per step (one draw from the loss rng's
+   ADAPT_TO_REF_STREAM) x_t := the reference images and the probabilities are the teacher's softmax on them
+   alone; nnx.cond runs only the branch taken;
 5. ClassMix of the first B_t source images with the targets, strong augmentation;
 6. L_mix = CE(student(x_mix), y_mix, pixel weights). The trainer differentiates L_src + L_fd + L_mix.
 
 Batch keys (data_pipelines/paired.py uda_dataset, built for config.data.pipeline = "uda" by
-data_pipelines/streams.py): image_src (bs, h, w, 3) uint8, label_src (bs, h, w)
-uint8 (255 ignore), image_trg (bt, h, w, 3) uint8, image_ref (bt, h, w, 3) uint8 (unused here: the Refign
-align/refine of section 8 builds on this step); optionally image_lab (bl, h, w, 3) uint8, label_lab
-(bl, h, w) uint8, blank_lab (bl, h, w) bool. Every random draw comes from the loss's rng, per example.
-Evaluation uses the student, as the original.
+data_pipelines/streams.py): image_src (bs, h, w, 3) uint8, label_src (bs, h, w) uint8 (255 ignore),
+image_trg (bt, h, w, 3) uint8, image_ref (bt, h, w, 3) uint8 (used by Refign and adapt_to_ref); optionally
+image_lab (bl, h, w, 3) uint8, label_lab (bl, h, w) uint8, blank_lab (bl, h, w) bool. Every random draw
+comes from the loss's rng, per example. Evaluation uses the student, as the original.
 
 HRDA (config.model.hrda.enabled, refign.md section 6; lqseg_jax/models/hrda.py): the student gains a
 scale-attention head `hrda_scale_attention` (EMA copy `m_hrda_scale_attention`, trained at the head's
@@ -50,13 +57,16 @@ from ..models.daformer_head import DAFormerHead
 from ..models.layers import resize_bilinear
 from ..models.mit import MIT_PRESETS, MixVisionTransformer
 from ..models.segmentor import EncoderDecoder
-from ..models.uawarpc import UAWarpC
+from ..models.uawarpc import UAWarpC, align
+from . import refign
 from . import uda_augment as aug
 from .base import System, cross_entropy, normalize, pixel_accuracy
 
 STUDENT = ("backbone", "head", "hrda_scale_attention")
 LABELLED_DROP_STREAM = 0x1AB  # fold_in of the loss rng for the labelled-target drop (one draw per step)
 HRDA_BOX_STREAM = 0x4D8  # fold_in of the loss rng for the HRDA detail boxes (source, mix)
+ADAPT_TO_REF_STREAM = 0xAD7  # fold_in of the loss rng for Refign's adapt-to-reference coin (one per step)
+ADAPT_TO_REF_P = 0.5
 
 
 class StepCount(nnx.Variable):
@@ -91,6 +101,15 @@ class UDAModel(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """Normalised images (b, h, w, 3) -> student logits (b, h/4, w/4, K)."""
         return self.head(self.backbone(x))
+
+
+class AlignmentNet(UAWarpC):
+    """UAWarpC's forward over a UDA model's own `alignment_backbone` / `alignment_head` (shared, not copied):
+    what `models.uawarpc.align` runs in the step, and the module a converted UAWarpC folder loads into."""
+
+    def __init__(self, alignment_backbone: nnx.Module, alignment_head: nnx.Module):
+        self.alignment_backbone = alignment_backbone
+        self.alignment_head = alignment_head
 
 
 def _is_student(path, _) -> bool:
@@ -151,18 +170,42 @@ class UDASystem(System):
             rngs=rngs,
         )
 
+    def build_alignment(self, rngs: nnx.Rngs) -> UAWarpC:
+        """Refign's frozen UAWarpC at config.uda.refign.alignment.vgg_widths (() = VGG-16's), compute dtype."""
+        widths = tuple(self.config.uda.refign.alignment.vgg_widths) or None
+        return UAWarpC(False, jnp.dtype(self.config.model.dtype), vgg_widths=widths, rngs=rngs)
+
     def _hrda(self):
         """config.model.hrda when HRDA is on, else None."""
         h = self.config.model.get("hrda")
         return h if h is not None and h.enabled else None
 
+    def _refign(self):
+        """config.uda.refign when the target step uses Refign or adapt_to_ref, else None."""
+        u = self.config.uda
+        r = u.get("refign")
+        return r if u.enabled and r is not None and (r.use_refign or r.adapt_to_ref) else None
+
+    def _aligns(self) -> bool:
+        """Whether the step runs the alignment network (use_refign and use_align)."""
+        r = self._refign()
+        return r is not None and bool(r.use_refign and r.use_align)
+
     def build_model(self, rngs: nnx.Rngs) -> UDAModel:
+        r = self._refign()
+        k = self.config.model.num_classes
+        if r is not None and r.use_refign and not all(0 <= c < k for c in r.static_classes):
+            raise ValueError(
+                f"config.uda.refign.static_classes {tuple(r.static_classes)} must be class ids below "
+                f"model.num_classes {k}"
+            )
         student, teacher = self.build_network(rngs), self.build_network(rngs)
         imnet = self.build_encoder(rngs) if self.config.uda.fdist.enabled else None
         attention = None
         if self._hrda() is not None:
             attention = (self.build_scale_attention(rngs), self.build_scale_attention(rngs))
-        model = UDAModel(student, teacher, imnet, attention)
+        alignment = self.build_alignment(rngs) if self._aligns() else None
+        model = UDAModel(student, teacher, imnet, attention, alignment)
         self._sync_copies(model)
         return model
 
@@ -180,10 +223,35 @@ class UDASystem(System):
         if model.imnet_backbone is not None:
             _copy_params(model.imnet_backbone, model.backbone)
 
+    def has_pretrained(self) -> bool:
+        """The segmentation weights (model.pretrained.path) or the alignment network's."""
+        return super().has_pretrained() or self._aligns()
+
     def load_pretrained(self, model: UDAModel) -> str:
-        loaded = super().load_pretrained(model)
-        self._sync_copies(model)
-        return f"{loaded} (copied to m_backbone and imnet_backbone)"
+        loaded = []
+        if super().has_pretrained():
+            loaded.append(f"{super().load_pretrained(model)} (copied to m_backbone and imnet_backbone)")
+            self._sync_copies(model)
+        if self._aligns():
+            loaded.append(self._load_alignment(model))
+        return "; ".join(loaded)
+
+    def _load_alignment(self, model: UDAModel) -> str:
+        """config.uda.refign.alignment.path (a `scripts/convert.py uawarpc` or `scripts/eval_matching.py
+        --export` folder) -> `alignment_backbone`, `alignment_head`; an empty path only with allow_random."""
+        from ..convert.common import load_converted
+
+        a = self.config.uda.refign.alignment
+        if not a.path:
+            if not a.allow_random:
+                raise ValueError(
+                    "config.uda.refign.alignment.path is empty: Refign's alignment needs the UAWarpC weights (a "
+                    "`scripts/convert.py uawarpc` or `scripts/eval_matching.py --export` folder); set "
+                    "config.uda.refign.alignment.allow_random=True only for tests and demos"
+                )
+            return "alignment_backbone, alignment_head: random (uda.refign.alignment.allow_random)"
+        meta = load_converted(a.path, AlignmentNet(model.alignment_backbone, model.alignment_head))
+        return f"{a.path} -> alignment_backbone, alignment_head ({meta.get('source', '?')})"
 
     # --------------------------------------------------------------------------------------- draws
     def draw(self, rng: jax.Array, labels: jax.Array) -> dict[str, Any]:
@@ -246,6 +314,58 @@ class UDASystem(System):
         )  # (b, h/4, w/4, K)
         return resize_bilinear(fused, size)
 
+    def _teacher_probs(self, model: UDAModel, x: jax.Array, size) -> jax.Array:
+        """Teacher softmax (b, h, w, K) at `size` of normalised x (b, h, w, 3), no gradient."""
+        return jax.lax.stop_gradient(jax.nn.softmax(self._teacher(model, x, size), axis=-1))
+
+    def _refined_probs(self, model: UDAModel, x_t: jax.Array, x_r: jax.Array, size) -> jax.Array:
+        """Refign: the teacher once on cat[x_t, x_r] (bt each, normalised), the reference logits aligned onto
+        the target by the frozen UAWarpC (use_align; else unaligned), refined -> probabilities (bt, h, w, K)."""
+        r = self.config.uda.refign
+        bt = x_t.shape[0]
+        logits = self._teacher(model, jnp.concatenate([x_t, x_r]), size)  # (2 bt, h, w, K): BN sees both
+        logits_t, logits_r = logits[:bt], logits[bt:]  # (bt, h, w, K) each
+        valid = conf = None
+        if r.use_align:
+            net = AlignmentNet(model.alignment_backbone, model.alignment_head)
+            logits_r, valid, conf = align(net, x_t, x_r, logits_r)  # (bt, h, w, K), (bt, h, w), (bt, h, w, 1)
+        probs = refign.refine(
+            logits_t,
+            logits_r,
+            valid,
+            conf,
+            gamma=r.gamma,
+            static_classes=tuple(r.static_classes),
+            disable_M=r.disable_M,
+            disable_P=r.disable_P,
+        )  # (bt, h, w, K)
+        return jax.lax.stop_gradient(probs)
+
+    def target_probs(
+        self, model: UDAModel, batch, rng: jax.Array, size
+    ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+        """Step 4: (the target images of the mix (bt, h, w, 3) normalised, the teacher's probabilities for
+        them (bt, h, w, K), metrics). adapt_to_ref's coin comes from `rng` (the loss rng)."""
+        x_t = self._input(batch["image_trg"])  # (bt, h, w, 3)
+        r = self._refign()
+        if r is None:
+            return x_t, self._teacher_probs(model, x_t, size), {}
+        x_r = self._input(batch["image_ref"])  # (bt, h, w, 3)
+        if self._aligns():  # frozen and in eval mode whatever the trainer set
+            model.alignment_backbone.eval()
+            model.alignment_head.eval()
+
+        def on_target(m: UDAModel) -> jax.Array:
+            return (
+                self._refined_probs(m, x_t, x_r, size) if r.use_refign else self._teacher_probs(m, x_t, size)
+            )
+
+        if not r.adapt_to_ref:
+            return x_t, on_target(model), {}
+        to_ref = jax.random.uniform(jax.random.fold_in(rng, ADAPT_TO_REF_STREAM)) < ADAPT_TO_REF_P
+        probs = nnx.cond(to_ref, lambda m: self._teacher_probs(m, x_r, size), on_target, model)
+        return jnp.where(to_ref, x_r, x_t), probs, {"adapted_to_ref": to_ref.astype(jnp.float32)}
+
     def _source_terms(
         self, model: UDAModel, x_s: jax.Array, y_s: jax.Array, key: jax.Array
     ) -> dict[str, jax.Array]:
@@ -300,10 +420,9 @@ class UDASystem(System):
         total = metrics["loss_src"] + metrics.get("loss_fd", 0.0)
 
         if u.enabled:
-            x_t = self._input(batch["image_trg"])  # (bt, h, w, 3)
+            x_t, probs, target_metrics = self.target_probs(model, batch, rng, size)  # (bt, h, w, 3), (.., K)
             bt = x_t.shape[0]
-            logits_t = self._teacher(model, x_t, size)  # (bt, h, w, K)
-            probs = jax.lax.stop_gradient(jax.nn.softmax(logits_t, axis=-1))
+            metrics.update(target_metrics)
             pseudo = jnp.argmax(probs, axis=-1)  # (bt, h, w)
             weight = aug.pseudo_weight(probs, u.pseudo_threshold)
             xs_b, ys_b = x_s[:bt], y_s[:bt]

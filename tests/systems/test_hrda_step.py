@@ -1,9 +1,10 @@
-"""HRDA options of the UDA system (lqseg_jax/systems/uda.py with config.model.hrda; configs/hrda.py:tiny
-with the stand-in four-level encoder and BatchNorm head of tests/models/test_hrda.py, so the test stays
-small): the HRDA cross-entropy is 0.9 CE(fused) + 0.1 CE(detail, labels and pixel weights cropped to the
-box) against torch's cross-entropy, the feature distance compares the context features with the ImageNet
-encoder on the x0.5 image, and the system trains on the synthetic paired data through the Trainer, a stop
-+ checkpoint + resume replaying the same steps bit for bit (scale attention and its EMA copy included)."""
+"""HRDA options of the UDA system (lqseg_jax/systems/uda.py with config.model.hrda;
+configs/hrda.py:tiny,no_refign with the stand-in four-level encoder and BatchNorm head of
+tests/models/test_hrda.py, so the test stays small): the HRDA cross-entropy is 0.9 CE(fused) + 0.1
+CE(detail, labels and pixel weights cropped to the box) against torch's cross-entropy, the feature distance
+compares the context features with the ImageNet encoder on the x0.5 image, and the system trains on the
+synthetic paired data through the Trainer, a stop + checkpoint + resume replaying the same steps bit for bit
+(scale attention and its EMA copy included)."""
 
 import jax
 import jax.numpy as jnp
@@ -45,7 +46,7 @@ def config(tmp_path_factory, monkeypatch):
         tmp_path_factory.mktemp("synthetic_adverse"), num_source=(8, 2), num_target=(4, 2),
         conditions=("night",), height=72, width=80, progress=False,
     )  # fmt: skip
-    c = load_config("configs/hrda.py:tiny")
+    c = load_config("configs/hrda.py:tiny,no_refign")
     c.system = "hrda_standin"
     c.data.root, c.data.target_root = str(root / "cityscapes"), str(root / "acdc")
     c.data.crop = (64, 64)  # context and detail 32: the stand-in encoder's last stage is 1x1

@@ -134,7 +134,7 @@ def test_labelled_stream_keys_and_exact_resume(tmp_path):
         width=48,
         progress=False,
     )
-    c = load_config("configs/refign.py:tiny")
+    c = load_config("configs/refign.py:tiny,no_refign")
     c.data.root, c.data.target_root = str(root / "cityscapes"), str(root / "acdc")
     c.data.crop, c.data.num_threads, c.batch_size = (32, 32), 1, 2
     c.data.labelled_target.enabled = True
@@ -156,7 +156,7 @@ def test_labelled_stream_keys_and_exact_resume(tmp_path):
 @pytest.fixture
 def standin(monkeypatch):
     monkeypatch.setitem(systems.SYSTEMS, "uda_standin", "tests.systems.test_uda_step:StandInSystem")
-    c = load_config("configs/refign.py:tiny")
+    c = load_config("configs/refign.py:tiny,no_refign")
     c.system = "uda_standin"
     c.model.num_classes = K
     c.batch_size = B

@@ -258,7 +258,7 @@ def torch_steps(tb, th, mb, mh, imnet, batch, draws, steps, base_lr, warmup, tot
 @pytest.fixture
 def standin(monkeypatch):
     monkeypatch.setitem(systems.SYSTEMS, "uda_standin", f"{__name__}:StandInSystem")
-    c = load_config("configs/refign.py:tiny")
+    c = load_config("configs/refign.py:tiny,no_refign")
     c.system = "uda_standin"
     c.model.num_classes = K
     c.batch_size = B

@@ -1,7 +1,7 @@
-"""The UDA system (configs/refign.py:tiny with the stand-in networks of test_uda_step, so the test stays
-small, and the system's own random draws) trains on the synthetic paired data through the Trainer and the
-UDA pipeline, and a stop + checkpoint + resume replays the same steps bit for bit, the EMA teacher, its BN
-statistics and the step count included."""
+"""The UDA system without Refign (configs/refign.py:tiny,no_refign with the stand-in networks of test_uda_step,
+so the test stays small, and the system's own random draws) trains on the synthetic paired data through the
+Trainer and the UDA pipeline, and a stop + checkpoint + resume replays the same steps bit for bit, the EMA
+teacher, its BN statistics and the step count included."""
 
 import jax
 import numpy as np
@@ -29,7 +29,7 @@ def config(tmp_path_factory, monkeypatch):
         tmp_path_factory.mktemp("synthetic_adverse"), num_source=(8, 2), num_target=(4, 2),
         conditions=("night",), height=40, width=48, progress=False,
     )  # fmt: skip
-    c = load_config("configs/refign.py:tiny")
+    c = load_config("configs/refign.py:tiny,no_refign")
     c.system = "uda_standin_random"
     c.data.root, c.data.target_root = str(root / "cityscapes"), str(root / "acdc")
     c.data.crop = (32, 32)
