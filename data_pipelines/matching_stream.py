@@ -59,7 +59,7 @@ class SyntheticPairs:
         for image in images:
             cond, _, rec, name = image.relative_to(acdc / "rgb_anon").parts
             ref = acdc / "rgb_anon" / cond / f"{split}_ref" / rec / name.replace("_rgb_anon", "_rgb_ref_anon")
-            flow = flow_path(acdc, image)
+            flow = flow_path(acdc, image.relative_to(acdc))
             for path in (ref, flow):
                 if not path.is_file():
                     raise DataError(f"synthetic matching pairs: {path} is missing (the pair of {image})")
