@@ -13,6 +13,11 @@
 Train/eval mode: `model.train()` / `model.eval()` switch every BatchNorm (batch statistics in train mode,
 torch's running-statistics update with the unbiased variance) and the head's own `use_running_average`,
 which gates the eval-only `iterative_refinement`.
+
+Tiny copies (tests, CPU demos; defaults = the published network): `coarse_size` replaces the 256 of the
+`area`-resized copies (levels 4 and 3 on its /16 and /8 grids; level 4's search size is coarse_size / 16,
+so 256 or 144) and `head_width` scales every channel width of the head (the decoders' 32-channel feature
+included; 1.0 = refign's).
 """
 
 from __future__ import annotations
@@ -36,6 +41,12 @@ MUTUAL_EPS = 1e-5  # NC-Net mutual matching: added to the max
 SIZE_256 = 256
 PATCH = 9
 HI = jax.lax.Precision.HIGHEST
+FEATURE = 32  # the decoders' feature width (refign: x of OpticalFlowEstimatorResidualConnection)
+
+
+def scaled(channels: int, scale: float) -> int:
+    """A head width times `scale` (tiny copies), at least 1; scale 1 keeps refign's width."""
+    return channels if scale == 1.0 else max(1, round(channels * scale))
 
 
 def _l2_normalize(x: jax.Array) -> jax.Array:
@@ -101,24 +112,25 @@ class OpticalFlowEstimatorResidualConnection(nnx.Module):
     """Flow decoder: returns (2-channel prediction fp32, 32-channel feature x). The skips take the
     pre-activation conv_0 output and the pre-activation first sum (refign.md 3.3)."""
 
-    def __init__(self, in_channels: int, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, in_channels: int, *, width: float = 1.0, dtype, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, rngs=rngs)
-        self.conv_0 = ConvBN(in_channels, 128, 3, activation=False, **kw)
-        self.conv0_skip = ConvBN(128, 96, 1, activation=False, **kw)
-        self.conv_1 = ConvBN(128, 128, 3, activation=True, **kw)
-        self.conv_2 = ConvBN(128, 96, 3, activation=False, **kw)
-        self.conv2_skip = ConvBN(96, 32, 1, activation=False, **kw)
-        self.conv_3 = ConvBN(96, 64, 3, activation=True, **kw)
-        self.conv_4 = ConvBN(64, 32, 3, activation=False, **kw)
-        self.predict_mapping = _conv(32, 2, 3, padding=1, use_bias=True, **kw)
+        c128, c96, c64, c32 = (scaled(c, width) for c in (128, 96, 64, FEATURE))
+        self.conv_0 = ConvBN(in_channels, c128, 3, activation=False, **kw)
+        self.conv0_skip = ConvBN(c128, c96, 1, activation=False, **kw)
+        self.conv_1 = ConvBN(c128, c128, 3, activation=True, **kw)
+        self.conv_2 = ConvBN(c128, c96, 3, activation=False, **kw)
+        self.conv2_skip = ConvBN(c96, c32, 1, activation=False, **kw)
+        self.conv_3 = ConvBN(c96, c64, 3, activation=True, **kw)
+        self.conv_4 = ConvBN(c64, c32, 3, activation=False, **kw)
+        self.predict_mapping = _conv(c32, 2, 3, padding=1, use_bias=True, **kw)
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        x0 = self.conv_0(x)  # (b, h, w, 128)
-        x2 = self.conv_2(self.conv_1(jax.nn.leaky_relu(x0, LRELU_SLOPE)))  # (b, h, w, 96)
-        s2 = x2 + self.conv0_skip(x0)  # (b, h, w, 96)
-        x4 = self.conv_4(self.conv_3(jax.nn.leaky_relu(s2, LRELU_SLOPE)))  # (b, h, w, 32)
-        feat = jax.nn.leaky_relu(x4 + self.conv2_skip(s2), LRELU_SLOPE)  # (b, h, w, 32)
-        return self.predict_mapping(feat).astype(jnp.float32), feat  # (b, h, w, 2), (b, h, w, 32)
+        x0 = self.conv_0(x)  # (b, h, w, 128 width)
+        x2 = self.conv_2(self.conv_1(jax.nn.leaky_relu(x0, LRELU_SLOPE)))  # (b, h, w, 96 width)
+        s2 = x2 + self.conv0_skip(x0)  # (b, h, w, 96 width)
+        x4 = self.conv_4(self.conv_3(jax.nn.leaky_relu(s2, LRELU_SLOPE)))  # (b, h, w, 32 width)
+        feat = jax.nn.leaky_relu(x4 + self.conv2_skip(s2), LRELU_SLOPE)  # (b, h, w, 32 width)
+        return self.predict_mapping(feat).astype(jnp.float32), feat  # (b, h, w, 2), (b, h, w, 32 width)
 
 
 class RefinementModule(nnx.Module):
@@ -126,10 +138,11 @@ class RefinementModule(nnx.Module):
 
     SPEC = ((128, 1), (128, 2), (128, 4), (96, 8), (64, 16), (32, 1))
 
-    def __init__(self, in_channels: int = 32, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, in_channels: int = FEATURE, *, width: float = 1.0, dtype, rngs: nnx.Rngs):
         layers: list[nnx.Module] = []
         cin = in_channels
         for cout, dilation in self.SPEC:
+            cout = scaled(cout, width)
             layers.append(ConvBN(cin, cout, 3, activation=True, dilation=dilation, dtype=dtype, rngs=rngs))
             cin = cout
         layers.append(_conv(cin, 2, 3, padding=1, use_bias=True, dtype=dtype, rngs=rngs))
@@ -146,20 +159,23 @@ class UncertaintyModule(nnx.Module):
     image, convolved without padding down to 6 values), the decoder feature and, with
     `feed_in_previous`, the up-sampled previous log-variance and flow."""
 
-    def __init__(self, search_size: int, feed_in_previous: bool, *, dtype, rngs: nnx.Rngs):
+    def __init__(
+        self, search_size: int, feed_in_previous: bool, *, width: float = 1.0, dtype, rngs: nnx.Rngs
+    ):
         if search_size not in (9, 16):
             raise ValueError(f"UncertaintyModule: search_size must be 9 or 16, got {search_size}")
         kw = dict(dtype=dtype, rngs=rngs)
         self.search_size = search_size
         self.feed_in_previous = feed_in_previous
-        self.conv_0 = ConvBN(1, 32, 3, activation=True, padding=0, **kw)
-        self.conv_1 = ConvBN(32, 32, 3, activation=True, padding=0, **kw)
-        self.conv_2 = ConvBN(32, 16, 3, activation=True, padding=0, **kw)
-        self.predict_uncertainty = _conv(16, 6, 3, padding=0, use_bias=True, **kw)
+        c32, c16 = scaled(32, width), scaled(16, width)
+        self.conv_0 = ConvBN(1, c32, 3, activation=True, padding=0, **kw)
+        self.conv_1 = ConvBN(c32, c32, 3, activation=True, padding=0, **kw)
+        self.conv_2 = ConvBN(c32, c16, 3, activation=True, padding=0, **kw)
+        self.predict_uncertainty = _conv(c16, 6, 3, padding=0, use_bias=True, **kw)
         extra = 3 if feed_in_previous else 0
-        self.pred_conv_0 = ConvBN(6 + 32 + extra, 32, 3, activation=True, **kw)
-        self.pred_conv_1 = ConvBN(32, 16, 3, activation=True, **kw)
-        self.predict_uncertainty_final = _conv(16, 1, 3, padding=1, use_bias=True, **kw)
+        self.pred_conv_0 = ConvBN(6 + scaled(FEATURE, width) + extra, c32, 3, activation=True, **kw)
+        self.pred_conv_1 = ConvBN(c32, c16, 3, activation=True, **kw)
+        self.predict_uncertainty_final = _conv(c16, 1, 3, padding=1, use_bias=True, **kw)
 
     def __call__(
         self,
@@ -173,16 +189,16 @@ class UncertaintyModule(nnx.Module):
         if n != s * s:
             raise ValueError(f"UncertaintyModule: correlation must have {s * s} channels, got {corr.shape}")
         x = corr.reshape(b * h * w, s, s, 1)  # (bhw, s, s, 1): channel k -> (k // s, k % s)
-        x = self.conv_0(x)  # (bhw, s - 2, s - 2, 32)
+        x = self.conv_0(x)  # (bhw, s - 2, s - 2, 32 width)
         if s == 16:
-            x = nnx.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")  # (bhw, 7, 7, 32)
-        x = self.conv_2(self.conv_1(x))  # (bhw, 3, 3, 16)
+            x = nnx.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")  # (bhw, 7, 7, 32 width)
+        x = self.conv_2(self.conv_1(x))  # (bhw, 3, 3, 16 width)
         x = self.predict_uncertainty(x).reshape(b, h, w, 6)  # (b, h, w, 6)
         parts = [x, feat]
         if self.feed_in_previous:
             parts += [previous_log_var, previous_flow]
         x = jnp.concatenate([p.astype(self.pred_conv_0.dtype) for p in parts], axis=-1)  # (b, h, w, 38|41)
-        x = self.pred_conv_1(self.pred_conv_0(x))  # (b, h, w, 16)
+        x = self.pred_conv_1(self.pred_conv_0(x))  # (b, h, w, 16 width)
         return self.predict_uncertainty_final(x).astype(jnp.float32)  # (b, h, w, 1)
 
 
@@ -269,22 +285,41 @@ def confidence(log_var: jax.Array, radius: float = 1.0) -> jax.Array:
 
 class UAWarpCHead(nnx.Module):
     """refign `UAWarpCHead` with `estimate_uncertainty`, both refinement modules and batch norm (the
-    configuration of every released checkpoint). 3,145,034 parameters."""
+    configuration of every released checkpoint). 3,145,034 parameters at the defaults; `coarse_size` and
+    `head_width` make tiny copies (module docstring)."""
 
-    def __init__(self, iterative_refinement: bool = False, dtype=jnp.float32, *, rngs: nnx.Rngs):
-        kw = dict(dtype=dtype, rngs=rngs)
+    def __init__(
+        self,
+        iterative_refinement: bool = False,
+        dtype=jnp.float32,
+        *,
+        coarse_size: int = SIZE_256,
+        head_width: float = 1.0,
+        rngs: nnx.Rngs,
+    ):
+        if coarse_size % 16 or coarse_size // 16 not in (9, 16):
+            raise ValueError(
+                f"UAWarpCHead: coarse_size must be 256 or 144 (level 4's search size coarse_size / 16 is 16 or 9), "
+                f"got {coarse_size}"
+            )
+        if not head_width > 0:
+            raise ValueError(f"UAWarpCHead: head_width must be > 0, got {head_width}")
+        kw = dict(width=head_width, dtype=dtype, rngs=rngs)
         nd = PATCH * PATCH
-        self.decoder4 = OpticalFlowEstimatorResidualConnection(16 * 16, **kw)
+        g4 = coarse_size // 16
+        feature = scaled(FEATURE, head_width)
+        self.decoder4 = OpticalFlowEstimatorResidualConnection(g4 * g4, **kw)
         self.decoder3 = OpticalFlowEstimatorResidualConnection(nd + 2 + 1, **kw)
-        self.refinement_module_adaptive = RefinementModule(32, **kw)
+        self.refinement_module_adaptive = RefinementModule(feature, **kw)
         self.decoder2 = OpticalFlowEstimatorResidualConnection(nd + 2 + 1, **kw)
-        self.reduce = _conv(32, 2, 1, padding=0, use_bias=True, **kw)
+        self.reduce = _conv(feature, 2, 1, padding=0, use_bias=True, dtype=dtype, rngs=rngs)
         self.decoder1 = OpticalFlowEstimatorResidualConnection(nd + 2 + 2 + 1, **kw)
-        self.refinement_module_finest = RefinementModule(32, **kw)
-        self.estimate_uncertainty_components4 = UncertaintyModule(16, False, **kw)
+        self.refinement_module_finest = RefinementModule(feature, **kw)
+        self.estimate_uncertainty_components4 = UncertaintyModule(g4, False, **kw)
         self.estimate_uncertainty_components3 = UncertaintyModule(9, True, **kw)
         self.estimate_uncertainty_components2 = UncertaintyModule(9, True, **kw)
         self.estimate_uncertainty_components1 = UncertaintyModule(9, True, **kw)
+        self.coarse_size = coarse_size
         self.iterative_refinement = iterative_refinement
         self.use_running_average = False  # set by model.train() / model.eval(), like BatchNorm's
         self.dtype = dtype
@@ -311,37 +346,40 @@ class UAWarpCHead(nnx.Module):
         out_size: Sequence[int],
     ) -> tuple[tuple[jax.Array, jax.Array], ...]:
         """trg/src: (pool2, pool3) of the full-size target/source; trg_256/src_256: (pool3 32x32, pool4
-        16x16) of their 256x256 `area` copies; out_size (H, W) of the full-size images. Returns
+        16x16) of their 256x256 `area` copies (C/8 and C/16 of coarse_size C); out_size (H, W) of the
+        full-size images. Returns
         ((f4, s4), (f3, s3), (f2, s2), (f1, s1)), flows (b, h_l, w_l, 2) target -> source in original
         pixels and log-variances (b, h_l, w_l, 1), fp32."""
+        cs = self.coarse_size
+        g3, g4 = cs // 8, cs // 16
         for name, feats, sizes in (
             ("trg", trg, (None, None)),
             ("src", src, (None, None)),
-            ("trg_256", trg_256, ((32, 32), (16, 16))),
-            ("src_256", src_256, ((32, 32), (16, 16))),
+            ("trg_256", trg_256, ((g3, g3), (g4, g4))),
+            ("src_256", src_256, ((g3, g3), (g4, g4))),
         ):
             self._check(name, feats, sizes)
         c11, c12, c13, c14 = (_l2_normalize(f) for f in (*trg, *trg_256))
         c21, c22, c23, c24 = (_l2_normalize(f) for f in (*src, *src_256))
         big_h, big_w = int(out_size[0]), int(out_size[1])
-        diag_term = np.float32(2 * math.log(math.sqrt(big_h**2 + big_w**2) / math.sqrt(2 * SIZE_256**2)))
+        diag_term = np.float32(2 * math.log(math.sqrt(big_h**2 + big_w**2) / math.sqrt(2 * cs**2)))
 
-        # level 4: 16x16, in 256-pixel units
+        # level 4: 16x16 (g4 x g4), in 256-pixel (coarse-size) units
         corr4 = global_correlation(c24, c14)  # (b, 16, 16, 256)
-        map4, x4 = self.decoder4(corr4.astype(self.dtype))  # (b, 16, 16, 2), (b, 16, 16, 32)
-        flow4_256 = _scale_xy(mapping_to_flow(map4), SIZE_256 / 16, SIZE_256 / 16)  # (b, 16, 16, 2)
-        s4_256 = self.estimate_uncertainty_components4(corr4, x4) + np.float32(2 * math.log(SIZE_256 / 16))
+        map4, x4 = self.decoder4(corr4.astype(self.dtype))  # (b, 16, 16, 2), (b, 16, 16, 32 width)
+        flow4_256 = _scale_xy(mapping_to_flow(map4), cs / g4, cs / g4)  # (b, 16, 16, 2)
+        s4_256 = self.estimate_uncertainty_components4(corr4, x4) + np.float32(2 * math.log(cs / g4))
 
-        # level 3: 32x32, 256-pixel units, then original pixels
-        up_flow4 = resize_bilinear(flow4_256, (32, 32))  # (b, 32, 32, 2)
-        up_s4 = resize_bilinear(s4_256, (32, 32))  # (b, 32, 32, 1)
-        warp3, _ = warp(c23, _scale_xy(up_flow4, 32 / SIZE_256, 32 / SIZE_256))  # (b, 32, 32, c)
+        # level 3: 32x32 (g3 x g3), 256-pixel units, then original pixels
+        up_flow4 = resize_bilinear(flow4_256, (g3, g3))  # (b, 32, 32, 2)
+        up_s4 = resize_bilinear(s4_256, (g3, g3))  # (b, 32, 32, 1)
+        warp3, _ = warp(c23, _scale_xy(up_flow4, g3 / cs, g3 / cs))  # (b, 32, 32, c)
         corr3 = local_correlation_layer(warp3, c13)  # (b, 32, 32, 81)
         res3, x3 = self.decoder3(self._cat(corr3, up_flow4, up_s4))
         res3 = res3 + self.refinement_module_adaptive(x3)
         flow3 = res3 + up_flow4  # (b, 32, 32, 2)
         s3 = self.estimate_uncertainty_components3(corr3, x3, up_s4, up_flow4)  # (b, 32, 32, 1)
-        flow3 = _scale_xy(flow3, big_w / SIZE_256, big_h / SIZE_256)
+        flow3 = _scale_xy(flow3, big_w / cs, big_h / cs)
         s3 = s3 + diag_term
 
         if self.iterative_refinement and self.use_running_average:
@@ -369,7 +407,7 @@ class UAWarpCHead(nnx.Module):
         flow1 = res1 + up_flow2  # (b, h1, w1, 2)
         s1 = self.estimate_uncertainty_components1(corr1, x1, up_s2, up_flow2)
 
-        flow4 = _scale_xy(flow4_256, big_w / SIZE_256, big_h / SIZE_256)
+        flow4 = _scale_xy(flow4_256, big_w / cs, big_h / cs)
         s4 = s4_256 + diag_term
         return (flow4, s4), (flow3, s3), (flow2, s2), (flow1, s1)
 
@@ -403,11 +441,15 @@ class UAWarpC(nnx.Module):
         dtype=jnp.float32,
         *,
         vgg_widths: Sequence[int] | None = None,
+        coarse_size: int = SIZE_256,
+        head_width: float = 1.0,
         rngs: nnx.Rngs,
     ):
         widths = {} if vgg_widths is None else {"widths": vgg_widths}
         self.alignment_backbone = VGG16Features(dtype=dtype, rngs=rngs, **widths)
-        self.alignment_head = UAWarpCHead(iterative_refinement, dtype, rngs=rngs)
+        self.alignment_head = UAWarpCHead(
+            iterative_refinement, dtype, coarse_size=coarse_size, head_width=head_width, rngs=rngs
+        )
 
     def __call__(self, target: jax.Array, source: jax.Array) -> tuple[tuple[jax.Array, jax.Array], ...]:
         """target, source (b, H, W, 3) ImageNet-normalised -> the head's four (flow, log-variance) pairs,
@@ -419,7 +461,8 @@ class UAWarpC(nnx.Module):
         b, big_h, big_w, _ = target.shape
         both = jnp.concatenate([source, target], axis=0)  # (2b, H, W, 3): refign's cat[j, i]
         full = self.alignment_backbone(both, POOL2_POOL3)  # pool2, pool3
-        small = self.alignment_backbone(resize_area(both, (SIZE_256, SIZE_256)), POOL3_POOL4)  # pool3, pool4
+        cs = self.alignment_head.coarse_size
+        small = self.alignment_backbone(resize_area(both, (cs, cs)), POOL3_POOL4)  # pool3, pool4
         src, trg = [f[:b] for f in full], [f[b:] for f in full]
         src_256, trg_256 = [f[:b] for f in small], [f[b:] for f in small]
         return self.alignment_head(trg, src, trg_256, src_256, (big_h, big_w))

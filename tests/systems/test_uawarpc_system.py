@@ -48,3 +48,17 @@ def test_three_passes_equal_sequential_train_mode_calls():
     for s, t in zip(stats, twin_stats, strict=True):
         np.testing.assert_allclose(np.asarray(s), np.asarray(t), rtol=1e-4, atol=1e-5)
     assert jnp.isfinite(got[2][-1][0]).all()
+
+
+def test_tiny_head_options_keep_the_structure():
+    """coarse_size 144 / head_width 0.25 (configs/uawarpc.py:tiny): level 4 sees a 9x9 global correlation (81
+    channels, search size 9), every head width is a quarter; other coarse sizes are refused in one line."""
+    head = UAWarpCHead(coarse_size=144, head_width=0.25, rngs=nnx.Rngs(0))
+    assert head.decoder4.conv_0.conv.kernel.shape == (3, 3, 81, 32)
+    assert head.estimate_uncertainty_components4.search_size == 9
+    assert head.decoder1.predict_mapping.kernel.shape == (3, 3, 8, 2)
+    assert head.refinement_module_finest.dc_convs[0].conv.kernel.shape == (3, 3, 8, 32)
+    assert head.estimate_uncertainty_components1.pred_conv_0.conv.kernel.shape == (3, 3, 6 + 8 + 3, 8)
+    assert head.reduce.kernel.shape == (1, 1, 8, 2)
+    with pytest.raises(ValueError, match=r"coarse_size must be 256 or 144 .* got 128"):
+        UAWarpCHead(coarse_size=128, rngs=nnx.Rngs(0))
