@@ -228,6 +228,16 @@ class UDASystem(System):
         return super().has_pretrained() or self._aligns()
 
     def load_pretrained(self, model: UDAModel) -> str:
+        """model.pretrained.path: a whole converted Refign checkpoint (`scripts/convert.py refign`: every
+        group, the alignment network included) fills the model as it is; else the ImageNet / Cityscapes
+        encoder weights, copied to the teacher and the ImageNet encoder. Then, for Refign, the alignment
+        network from uda.refign.alignment."""
+        from ..convert.refign import is_refign_converted, load_refign_converted
+
+        if super().has_pretrained() and is_refign_converted(self.config.model.pretrained.path):
+            path = self.config.model.pretrained.path
+            meta = load_refign_converted(model, path)
+            return f"{path} -> the whole UDA model ({meta.get('source', '?')})"
         loaded = []
         if super().has_pretrained():
             loaded.append(f"{super().load_pretrained(model)} (copied to m_backbone and imnet_backbone)")

@@ -18,7 +18,7 @@ from lqseg_jax.data_pipelines.streams import train_stream
 from lqseg_jax.models.uawarpc import align
 from lqseg_jax.systems.base import normalize
 from lqseg_jax.systems.refign import refine
-from lqseg_jax.systems.uda import ADAPT_TO_REF_STREAM, AlignmentNet
+from lqseg_jax.systems.uda import ADAPT_TO_REF_STREAM, AlignmentNet, UDASystem
 from lqseg_jax.train.checkpoint import Checkpointer
 from lqseg_jax.train.config import load_config
 from lqseg_jax.train.trainer import Trainer
@@ -48,7 +48,13 @@ def config(tmp_path_factory, monkeypatch):
 
 
 def _flat(tree) -> dict[str, np.ndarray]:
-    return {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(tree)}
+    """The arrays of a state by dotted path (RNG keys left out)."""
+    out = {}
+    for path, v in nnx.to_flat_state(tree):
+        x = v.get_value()
+        if not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            out[".".join(map(str, path))] = np.asarray(x)
+    return out
 
 
 def _part(state, prefix: str) -> dict[str, np.ndarray]:
@@ -196,3 +202,37 @@ def test_refign_hrda_step_trains(tmp_path_factory, monkeypatch):
     trainer = Trainer(c)
     _, metrics, coins = _run(trainer, trainer.init_state(), iter(train_stream(c).dataset), 0, 2)
     assert metrics["loss_mix"] > 0 and len(coins) == 2
+
+
+def test_pretrained_whole_refign_folder_and_alignment_folder(tmp_path):
+    """model.pretrained.path = a whole converted Refign checkpoint (format refign-uda) fills every group as
+    saved, the alignment included, with no alignment path; else uda.refign.alignment.path = a converted
+    UAWarpC folder fills alignment_backbone / alignment_head (configs/refign.py:tiny, MiT-B0, no step)."""
+    from lqseg_jax.convert.common import save_converted
+    from lqseg_jax.convert.refign import FORMAT, GROUPS, model_layout
+    from lqseg_jax.models.uawarpc import UAWarpC
+
+    c = load_config("configs/refign.py:tiny")
+    c.uda.refign.alignment.allow_random = False
+    source = UDASystem(c).build_model(nnx.Rngs(params=7, dropout=8))  # other weights than seed 0's
+    kernel = source.m_head.conv_seg.kernel
+    kernel.set_value(kernel.get_value() + 1.0)  # a teacher that is no copy of the student
+    groups = [g for g in GROUPS if getattr(source, g) is not None]
+    whole = save_converted(
+        tmp_path / "whole", source, dict(format=FORMAT, source="test", groups=groups, **model_layout(source))
+    )
+    c.model.pretrained.path = str(whole)
+    init = Trainer(c).init_state()
+    got, want = _flat(init.params) | _flat(init.rest), _flat(nnx.state(source, (nnx.Param, nnx.BatchStat)))
+    for k in ("backbone.patch_embed1.proj.kernel", "m_head.conv_seg.kernel",
+              "imnet_backbone.block1.0.attn.q.kernel", "alignment_head.decoder4.predict_mapping.bias"):  # fmt: skip
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+    net = UAWarpC(False, vgg_widths=tuple(c.uda.refign.alignment.vgg_widths), rngs=nnx.Rngs(3))
+    c.model.pretrained.path = ""
+    c.uda.refign.alignment.path = str(save_converted(tmp_path / "uawarpc", net, dict(source="test")))
+    rest = _flat(Trainer(c).init_state().rest)
+    want = _flat(nnx.state(net, (nnx.Param, nnx.BatchStat)))
+    assert want.keys() == {k for k in rest if k.startswith("alignment")}
+    for k, v in want.items():
+        np.testing.assert_array_equal(rest[k], v, err_msg=k)
