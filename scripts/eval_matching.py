@@ -9,8 +9,10 @@
 
 Sets (config.eval.source at eval.root, split eval.split): "megadepth" (test1600Pairs records), "robotcar-
 matching" (test6511 records, 1024x1024 at load) written by scripts/prepare_data.py, or "synthetic" (the
-synthetic paired dataset's pairs, matches from the stored flow every 4th pixel). Images are resized to the
-short side eval.short_side (480; 0 keeps them) with lanczos and padded bottom-right; the network runs in
+synthetic paired dataset's pairs, matches from the stored flow every 4th pixel). Images are resized with
+lanczos to eval.dims (h, w) when set (:stage1 / :stage2: MegaDepth val at 480x720, refign's validation, also
+run by the training loop every eval_every steps), else to the short side eval.short_side (:eval: the test
+protocol's 480; 0 keeps them), and padded bottom-right; the network runs in
 eval mode, one pair at a time. Writes OUT/matching.json and OUT/matching.md (the table) and prints the
 table; OUT is --out, else WORKDIR/eval or CONVERTED/eval. Errors in the inputs end in one line and exit
 code 2 (--debug or LQSEG_DEBUG=1: the traceback).
@@ -43,23 +45,17 @@ flags.mark_flags_as_required(["config"])
 def export(config, workdir, step, out) -> str:
     """WORKDIR's checkpoint (default the latest) as a `scripts/convert.py`-style folder at OUT: how stage 2
     starts from a stage-1 workdir (configs/uawarpc.py:stage2, model.pretrained.path = OUT)."""
-    from lqseg_jax.convert.common import save_converted
     from lqseg_jax.eval.evaluate import restore_workdir
+    from lqseg_jax.eval.matching import export_state
 
     trainer, state = restore_workdir(config, workdir, step)
-    save_converted(out, trainer.model_from_state(state), {"source": f"{workdir} step {int(state.step)}"})
-    return str(out)
+    return str(export_state(trainer, state, out, f"{workdir} step {int(state.step)}"))
 
 
 def run(config, *, workdir=None, step=None, converted=None, init=False, out=None, progress=True) -> dict:
     """Evaluates and writes OUT/matching.json and OUT/matching.md; returns the results."""
-    import jax
-    from flax import nnx
-
-    from lqseg_jax.data_pipelines.matching_stream import eval_example, matching_source
     from lqseg_jax.eval.evaluate import load_converted_state, restore_workdir
-    from lqseg_jax.eval.matching import evaluate_matching, format_table
-    from lqseg_jax.models.uawarpc import confidence
+    from lqseg_jax.eval.matching import evaluate_state, format_table
     from lqseg_jax.train.trainer import Trainer
 
     if sum(x is not None and x is not False for x in (workdir, converted, init or None)) != 1:
@@ -76,26 +72,7 @@ def run(config, *, workdir=None, step=None, converted=None, init=False, out=None
             raise app.UsageError("--init needs --out")
         out = Path(workdir or converted) / "eval"
     e = config.eval
-    source = matching_source(e.source, e.root, e.split)
-    count = min(len(source), e.max_pairs) if e.max_pairs else len(source)
-    examples = (eval_example(source[i]) for i in range(count))
-
-    graphdef, weights = nnx.split(trainer.model_from_state(state))
-
-    @jax.jit
-    def match(weights, target, reference):
-        model = nnx.merge(graphdef, weights)
-        flow, log_var = model.dense_flow(target, reference)  # (1, H, W, 2), (1, H, W, 1)
-        return flow, 1.0 - confidence(log_var)[..., 0]
-
-    results = evaluate_matching(
-        lambda t, r: match(weights, t, r),
-        _Sized(examples, count),
-        short_side=e.short_side,
-        mean=config.data.mean,
-        std=config.data.std,
-        progress=progress,
-    )
+    results = evaluate_state(trainer, state, progress=progress)
     title = f"UAWarpC matching on {e.source} {e.split} ({e.root})"
     table = format_table(results, title)
     out = Path(out)
@@ -105,19 +82,6 @@ def run(config, *, workdir=None, step=None, converted=None, init=False, out=None
     )
     (out / "matching.md").write_text(table + "\n")
     return {**results, "table": table, "out": str(out)}
-
-
-class _Sized:
-    """An iterator with a length (for the progress bar)."""
-
-    def __init__(self, it, n):
-        self.it, self.n = it, n
-
-    def __iter__(self):
-        return iter(self.it)
-
-    def __len__(self):
-        return self.n
 
 
 @report_errors

@@ -13,7 +13,13 @@ the flow at the nearest pixel (round(y), round(x)); EPE_k = |g - f|_2 (float32).
   AUSE = |trapz(S) - trapz(O)| over x = 0, 0.02, ..., 1.
 Pre-processing (`prepare_pair`): both images resized with PIL lanczos so that the short side is 480 (long =
 int(480 long / short), points scaled by new / old per axis), normalised, padded bottom-right with 0 to the
-larger height and width of the two.
+larger height and width of the two. Validation during training (refign's MegaDepth val: `dims` 480x720) resizes
+both images to fixed `dims` (h, w) instead (lanczos, points scaled per axis), eval.dims.
+
+`evaluate_state(trainer, state)`: a train state on config.eval's matching set (scripts/eval_matching.py, and
+the training loop every config.eval_every steps through UAWarpCSystem.training_evaluation).
+`export_state(trainer, state, out, source)`: the network as a converted folder (stage 2's starting point, or
+Refign's alignment network, config.uda.refign.alignment.path), its architecture fields in meta.json.
 """
 
 from __future__ import annotations
@@ -40,8 +46,13 @@ def short_side_size(h: int, w: int, short: int) -> tuple[int, int]:
 
 def resize_short_side(image: np.ndarray, points: np.ndarray, short: int) -> tuple[np.ndarray, np.ndarray]:
     """image (h, w, 3) uint8 lanczos-resized to the short side `short`; points (n, 2) x, y scaled per axis."""
+    return resize_to(image, points, short_side_size(*image.shape[:2], short))
+
+
+def resize_to(image: np.ndarray, points: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """image (h, w, 3) uint8 lanczos-resized to size (h', w'); points (n, 2) x, y scaled per axis."""
     h, w = image.shape[:2]
-    nh, nw = short_side_size(h, w, short)
+    nh, nw = int(size[0]), int(size[1])
     if (nh, nw) == (h, w):
         return image, points
     resized = np.asarray(Image.fromarray(image).resize((nw, nh), Image.LANCZOS))
@@ -53,12 +64,18 @@ def pad_bottom_right(x: np.ndarray, h: int, w: int) -> np.ndarray:
     return np.pad(x, ((0, h - x.shape[0]), (0, w - x.shape[1]), (0, 0)))
 
 
-def prepare_pair(example: dict, short_side: int, mean, std) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def prepare_pair(
+    example: dict, short_side: int, mean, std, dims: Sequence[int] = ()
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(target, reference) normalised float32 (H, W, 3), padded to a common size, and the matches (n, 4)
-    x_ref, y_ref, x, y in their pixels. short_side 0 keeps the stored size."""
+    x_ref, y_ref, x, y in their pixels. `dims` (h, w): both resized to it; else short_side (0 keeps the
+    stored size)."""
     image, ref, m = example["image"], example["reference"], np.asarray(example["matches"], np.float32)
     pts_ref, pts = m[:, :2], m[:, 2:]
-    if short_side:
+    if dims:
+        image, pts = resize_to(image, pts, tuple(dims))
+        ref, pts_ref = resize_to(ref, pts_ref, tuple(dims))
+    elif short_side:
         image, pts = resize_short_side(image, pts, short_side)
         ref, pts_ref = resize_short_side(ref, pts_ref, short_side)
     mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
@@ -138,16 +155,92 @@ def evaluate_matching(
     short_side: int = 480,
     mean: Sequence[float],
     std: Sequence[float],
+    dims: Sequence[int] = (),
     progress: bool = True,
 ) -> dict[str, float]:
     """Runs `match(target, reference)` (normalised (1, H, W, 3) -> flow (1, H, W, 2), uncertainty (1, H, W))
     on each example (its "image", "reference", "matches") and returns MatchingMetrics.compute()."""
     metrics = MatchingMetrics()
     for example in tqdm(examples, desc="matching eval", disable=not progress, dynamic_ncols=True):
-        trg, src, matches = prepare_pair(example, short_side, mean, std)
+        trg, src, matches = prepare_pair(example, short_side, mean, std, dims)
         flow, uncert = match(trg[None], src[None])
         metrics.update(np.asarray(flow[0]), matches, np.asarray(uncert[0]))
     return metrics.compute()
+
+
+def make_match_fn(trainer):
+    """Jitted (weights, normalised target (1, H, W, 3), reference) -> (flow (1, H, W, 2), uncertainty 1 - P
+    (1, H, W)) of the eval-mode network; one per trainer, so evaluations during training reuse it."""
+    cached = getattr(trainer, "_match_fn", None)
+    if cached is not None:
+        return cached
+    import jax
+    from flax import nnx
+
+    from ..models.uawarpc import confidence
+
+    graphdef = trainer.eval_graphdef
+
+    @jax.jit
+    def match(params, rest, target, reference):
+        model = nnx.merge(graphdef, params, rest)
+        flow, log_var = model.dense_flow(target, reference)  # (1, H, W, 2), (1, H, W, 1)
+        return flow, 1.0 - confidence(log_var)[..., 0]
+
+    trainer._match_fn = match
+    return match
+
+
+class _Sized:
+    """An iterable with a length (for the progress bar)."""
+
+    def __init__(self, it, n):
+        self.it, self.n = it, n
+
+    def __iter__(self):
+        return iter(self.it)
+
+    def __len__(self):
+        return self.n
+
+
+def evaluate_state(trainer, state, *, progress: bool = False) -> dict[str, float]:
+    """MatchingMetrics of `state` (eval mode, EMA weights when the config evaluates them) on config.eval's
+    matching set: eval.source at eval.root, split eval.split, its first eval.max_pairs (0: all), resized to
+    eval.dims (h, w) or else to the short side eval.short_side (0: the stored size)."""
+    from ..data_pipelines.matching_stream import eval_example, matching_source
+
+    config = trainer.config
+    e = config.eval
+    source = matching_source(e.source, e.root, e.split)
+    count = min(len(source), e.max_pairs) if e.max_pairs else len(source)
+    match = make_match_fn(trainer)
+    params, rest = trainer.eval_params(state), state.rest
+    return evaluate_matching(
+        lambda target, reference: match(params, rest, target, reference),
+        _Sized((eval_example(source[i]) for i in range(count)), count),
+        short_side=e.short_side,
+        mean=config.data.mean,
+        std=config.data.std,
+        dims=tuple(e.get("dims", ())),
+        progress=progress,
+    )
+
+
+def export_state(trainer, state, out, source: str):
+    """The eval-mode network of `state` written with convert.common.save_converted at `out`; meta.json holds
+    the architecture to rebuild it: vgg_widths ([] = VGG-16's), coarse_size, head_width."""
+    from ..convert.common import save_converted
+
+    m = trainer.config.model
+    meta = dict(
+        format="uawarpc",
+        source=source,
+        vgg_widths=list(m.vgg_widths),
+        coarse_size=int(m.get("coarse_size", 256)),
+        head_width=float(m.get("head_width", 1.0)),
+    )
+    return save_converted(out, trainer.model_from_state(state), meta)
 
 
 def format_table(results: dict[str, float], title: str) -> str:
