@@ -12,9 +12,13 @@ Variants (`--config configs/uawarpc.py:VARIANT`):
          `scripts/convert.py uawarpc` of refign's `uawarpc_megadepth.ckpt`.
   "eval": matching evaluation only (scripts/eval_matching.py): MegaDepth test1600Pairs or RobotCar test6511
          records (eval.source / eval.root), short side 480 lanczos, bottom-right padding.
-  "tiny": a tiny-VGG copy on the synthetic paired adverse data (written at data.root on first use), 48x48
-         crops of 64x64 pairs, stage-1 warps, batch 8, constant lr 1e-3 (tests, CPU demo); evaluated on the
-         synthetic val pairs at their own size.
+  "tiny": a tiny copy (VGG widths (8, 16, 24, 32, 32), head at a quarter of its widths on 144x144 coarse
+         copies) on the synthetic paired adverse data (written at data.root on first use), 48x48 crops of
+         64x64 pairs, stage-1 warps, batch 8, constant lr 1e-3 (tests, CPU demo); evaluated every 100 steps
+         on the synthetic val pairs (true flows) at short side 64.
+Validation during training (refign: MegaDepth val pairs at `dims` 480x720, SparseEPE): stages 1 and 2
+evaluate config.eval (split "val", eval.dims (480, 720)) every eval_every = 5000 steps through the loop
+(UAWarpCSystem.training_evaluation), logging eval/AEPE, eval/PCK_1..10 and eval/AUSE.
 Stages 1 and 2 use torch's MultiStepLR (optimizer.schedule.kind "multistep", lqseg_jax/train/multistep.py);
 "tiny" uses a constant rate (poly with power 0).
 """
@@ -45,6 +49,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.checkpoint.every = 5000
     c.model.num_classes = 0
     c.model.vgg_widths = ()  # () = VGG-16's (64, 128, 256, 512, 512)
+    c.model.coarse_size = 256  # the head's `area` copies (refign: 256; 144 for tiny copies)
+    c.model.head_width = 1.0  # head channel widths x this (refign: 1)
     c.model.iterative_refinement = True  # eval-only extra passes (MegaDepth configs)
     c.model.pretrained.path = "weights/vgg16"
     c.model.pretrained.prefix = "alignment_backbone"
@@ -77,8 +83,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     d.synthetic = ml_collections.ConfigDict(
         dict(enabled=False, num_target_train=40, num_target_val=10, height=120, width=160, seed=0)
     )
+    c.eval_every = 5000
     c.eval = ml_collections.ConfigDict(
-        dict(source="megadepth", root="data/megadepth_records", split="test", short_side=480, max_pairs=0)
+        dict(
+            source="megadepth",
+            root="data/megadepth_records",
+            split="val",
+            dims=(480, 720),  # (h, w) both images resized to it; () = short_side
+            short_side=480,
+            max_pairs=0,
+        )
     )
 
     if variant == "stage2":
@@ -90,6 +104,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.model.pretrained.path = "weights/uawarpc_stage1"
         c.model.pretrained.prefix = ""
     elif variant == "eval":
+        c.eval_every = 0
+        c.eval.split = "test"
+        c.eval.dims = ()
         c.model.pretrained.path = "weights/uawarpc_megadepth"
         c.model.pretrained.prefix = ""
         o.schedule = constant_schedule()  # no training: any schedule optim.py builds today
@@ -100,6 +117,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.checkpoint.every = 100
         c.checkpoint.async_save = False
         c.model.vgg_widths = (8, 16, 24, 32, 32)
+        c.model.coarse_size = 144
+        c.model.head_width = 0.25
         c.model.iterative_refinement = False
         c.model.pretrained.path = ""
         c.uawarpc.crop = (48, 48)
@@ -113,5 +132,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.eval.source = "synthetic"
         c.eval.root = "data/synthetic_matching"
         c.eval.split = "val"
-        c.eval.short_side = 0  # 0: evaluate at the stored size
+        c.eval.dims = ()
+        c.eval.short_side = 64  # the training pairs' scale (stored 120x160, trained at 64x64)
+        c.eval_every = 100
     return c

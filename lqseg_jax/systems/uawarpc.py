@@ -9,7 +9,7 @@ MegaDepth). One loss call is one refign training step:
    uawarpc.stage and its constants), image_prime = warp(normalise(photometric(target)), flow) and its mask,
    then the centre crop (uawarpc.crop, 520x520) of target, reference, prime, flow and mask;
 2. the VGG (frozen: only `alignment_head` parameters train, as refign) once on cat[ref, trg, prime] at the
-   crop size and on their 256x256 `area` copies;
+   crop size and on their 256x256 `area` copies (model.coarse_size: tiny copies use 144);
 3. three head passes, each in train mode with its own batch statistics and running-statistics update:
    prime -> target (warp supervision), prime -> reference and reference -> target (W-bipath);
 4. loss = w_ss L_ss + w_us L_us with uawarpc_losses.loss_weights (DenseMatching's weighting, or refign's
@@ -29,7 +29,7 @@ from flax import nnx
 
 from ..data_pipelines.flow_warps import WarpSpec, make_training_triplet
 from ..models.resize import resize_area, resize_bilinear
-from ..models.uawarpc import SIZE_256, UAWarpC, confidence
+from ..models.uawarpc import UAWarpC, confidence
 from ..models.vgg import POOL2_POOL3, POOL3_POOL4
 from . import uawarpc_losses as losses
 from .base import System, normalize
@@ -70,13 +70,21 @@ class UAWarpCSystem(System):
     def build_model(self, rngs: nnx.Rngs) -> UAWarpC:
         m = self.config.model
         widths = tuple(m.vgg_widths) or None
-        return UAWarpC(m.iterative_refinement, jnp.dtype(m.dtype), vgg_widths=widths, rngs=rngs)
+        return UAWarpC(
+            m.iterative_refinement,
+            jnp.dtype(m.dtype),
+            vgg_widths=widths,
+            coarse_size=m.coarse_size,
+            head_width=m.head_width,
+            rngs=rngs,
+        )
 
     def _pyramids(self, model: UAWarpC, images: jax.Array, n: int):
         """VGG features of n stacked batches (n b, h, w, 3): lists of n (pool2, pool3) and n (pool3, pool4)
-        of the 256 copies."""
+        of the 256 (coarse_size) copies."""
+        cs = model.alignment_head.coarse_size
         full = model.alignment_backbone(images, POOL2_POOL3)
-        small = model.alignment_backbone(resize_area(images, (SIZE_256, SIZE_256)), POOL3_POOL4)
+        small = model.alignment_backbone(resize_area(images, (cs, cs)), POOL3_POOL4)
         split = lambda feats: list(zip(*[jnp.split(f, n) for f in feats], strict=True))  # noqa: E731
         return split(full), split(small)
 
@@ -115,8 +123,12 @@ class UAWarpCSystem(System):
             metrics["l2"] = l2
             total = total + l2
         finest = prime_trg[-1][0]  # (b, h1, w1, 2)
-        epe = jnp.linalg.norm(finest - resize_bilinear(flow, finest.shape[1:3]), axis=-1)  # (b, h1, w1)
-        metrics["epe_finest"] = jnp.mean(epe)
+        valid = losses.resize_mask(
+            mask, finest.shape[1:3]
+        )  # (b, h1, w1): the gt's out-of-range 1e10 left out
+        gt = jnp.where(valid[..., None], resize_bilinear(flow, finest.shape[1:3]), 0.0)  # (b, h1, w1, 2)
+        epe = jnp.linalg.norm(finest - gt, axis=-1)  # (b, h1, w1)
+        metrics["epe_finest"] = jnp.sum(jnp.where(valid, epe, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
         return total, metrics
 
     def match(self, model: UAWarpC, target: jax.Array, reference: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -127,6 +139,15 @@ class UAWarpCSystem(System):
         x_r = normalize(reference, d.mean, d.std)
         flow, log_var = model.dense_flow(x_t, x_r)  # (b, H, W, 2), (b, H, W, 1)
         return flow, 1.0 - confidence(log_var)[..., 0]
+
+    def training_evaluation(self, trainer, state) -> dict[str, float]:
+        """The training loop's evaluation every config.eval_every steps (train/loop.py): matching metrics on
+        config.eval's set (refign validates on MegaDepth pairs with SparseEPE; :tiny on the synthetic val
+        pairs), logged as eval/AEPE, eval/PCK_1 ... eval/AUSE."""
+        from ..eval.matching import evaluate_state
+
+        results = evaluate_state(trainer, state)
+        return {f"eval/{k}": v for k, v in results.items() if not k.startswith("num_")}
 
     def predict(self, model, images):
         raise NotImplementedError(

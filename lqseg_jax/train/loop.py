@@ -156,6 +156,16 @@ def check_finite(metrics: dict, step: int, ckpt: Checkpointer) -> None:
         )
 
 
+def evaluate_during_training(trainer: Trainer, state) -> dict[str, float]:
+    """The scalars logged every config.eval_every steps: the system's own `training_evaluation(trainer,
+    state)` when it defines one (named scalars, e.g. UAWarpC's matching metrics), else the segmentation
+    mIoU of eval/evaluate.py as "eval/mIoU"."""
+    own = getattr(trainer.system, "training_evaluation", None)
+    if own is not None:
+        return {k: float(v) for k, v in own(trainer, state).items()}
+    return {"eval/mIoU": evaluate(trainer, state, progress=False)["mIoU"]}
+
+
 def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     """Trains (or resumes) the experiment in `config`; returns the last logged metrics. Holds the workdir
     for the run (a second run on it stops at once with WorkdirBusyError)."""
@@ -215,9 +225,9 @@ def _train(config: ml_collections.ConfigDict, workdir: Path) -> dict:
                     check_finite(jax.device_get({k: metrics[k] for k in ("loss", "grad_norm")}), step, ckpt)
                     ckpt.save(step, state, data_iter, config)
                 if config.eval_every and step % config.eval_every == 0 and step != end:
-                    summary = evaluate(trainer, state, progress=False)
-                    writer.write(step, {"eval/mIoU": summary["mIoU"]})
-                    log.info("step %d: mIoU %.2f", step, summary["mIoU"])
+                    scalars = evaluate_during_training(trainer, state)
+                    writer.write(step, scalars)
+                    log.info("step %d: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in scalars.items()))
                 if stopping:
                     print(
                         f"Stopped at step {step}; checkpoint saved. Re-run the same command to resume.",
