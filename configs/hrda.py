@@ -1,8 +1,9 @@
 """Refign-HRDA* (refign `refign_hrda_star.yaml`, refign.md sections 6, 7 and 8): the Refign UDA system of
-configs/refign.py (align + refine with the frozen UAWarpC, gamma 0.25, adapt_to_ref) with `model.hrda` on: the student trains on a x0.5 context crop and a full-resolution
-detail crop fused by a learned scale attention, loss 0.9 fused + 0.1 detail; the EMA teacher (on target and
-reference together under Refign) and evaluation use sliding detail crops; evaluation slides 1080x1080
-windows every 420 pixels over full-resolution images.
+configs/refign.py (align + refine with the frozen UAWarpC, gamma 0.25, adapt_to_ref) with `model.hrda` on:
+the student trains on a x0.5 context crop and a full-resolution detail crop fused by a learned scale
+attention, loss 0.9 fused + 0.1 detail; the EMA teacher (on target and reference together under Refign) and
+evaluation use sliding detail crops; evaluation slides 1080x1080 windows every 420 pixels over
+full-resolution images.
 
 Variants (`--config configs/hrda.py:VARIANT`, optionally followed by `,no_refign` (HRDA* UDA without
 Refign) or `,source_only`, as in configs/refign.py):

@@ -12,10 +12,11 @@ Variants (`--config configs/refign.py:VARIANT[,FLAG]`):
          ColorJitter(0.25, 0.25, 0.25, 0.1), no cat-max check; dropped from the step with p 0.5) + 2 pairs.
   "tiny": MiT-B0 with a 64-wide head, random init, on the synthetic paired data (Cityscapes-layout scenes ->
          ACDC-layout night/fog/rain), 64x64 crops, batch 8 + 8, 300 steps, EMA 0.99,
-         pseudo-label threshold 0.9 (tests, demo); a tiny UAWarpC (VGG widths 8-32, the width of
-         configs/uawarpc.py:tiny) left random unless uda.refign.alignment.path names trained weights
-         (`scripts/eval_matching.py --export` of a configs/uawarpc.py:tiny run); static classes = the
-         synthetic scenes' sky, grass, road, water, building, sand.
+         pseudo-label threshold 0.9 (tests, demo); a tiny UAWarpC (VGG widths 8-32, head at a quarter width
+         on 144x144 coarse copies: the network of configs/uawarpc.py:tiny) left random unless
+         uda.refign.alignment.path names trained weights (`scripts/eval_matching.py --export` of a
+         configs/uawarpc.py:tiny run); static classes = the synthetic scenes' sky, grass, road, water,
+         building, sand.
 The main variants are the paper's Refign (ablation row 6: use_refign, use_align, gamma 0.25, adapt_to_ref),
 with the alignment network from uda.refign.alignment.path = a `scripts/convert.py uawarpc --src
 uawarpc_megadepth.ckpt` output folder (default weights/uawarpc_megadepth; an empty path is refused unless
@@ -40,7 +41,8 @@ CITYSCAPES_CLASSES = (
     "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle",
 )  # fmt: skip
 TARGETS = ("acdc", "darkzurich", "robotcar", "tiny")
-# refign.md section 8 (configs/cityscapes_acdc/ablations): use_align, disable_P, disable_M, gamma, adapt_to_ref
+# refign.md section 8 (refign configs/cityscapes_acdc/ablations):
+# use_align, disable_P, disable_M, gamma, adapt_to_ref
 ROWS = {
     "row1": (False, False, True, 0.0, False),
     "row2": (True, True, True, 0.0, False),
@@ -95,20 +97,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                 disable_M=disable_m,  # M := 0
                 gamma=gamma,  # trust s = (mean normalised entropy)^gamma
                 adapt_to_ref=flag in ROWS and adapt_to_ref,  # p 0.5: self-train on the reference alone
-                static_classes=(
-                    0,
-                    1,
-                    2,
-                    3,
-                    4,
-                    8,
-                    9,
-                    10,
-                ),  # M's classes: road .. fence, vegetation, terrain, sky
+                # M's classes: road, sidewalk, building, wall, fence, vegetation, terrain, sky
+                static_classes=(0, 1, 2, 3, 4, 8, 9, 10),
                 alignment=dict(
                     path="weights/uawarpc_megadepth",  # a `scripts/convert.py uawarpc` output folder
                     allow_random=False,  # True: an empty path leaves the alignment random (tests, demos)
                     vgg_widths=(),  # () = VGG-16's (64, 128, 256, 512, 512)
+                    coarse_size=256,  # the head's `area` copies (refign: 256; 144 for tiny copies)
+                    head_width=1.0,  # head channel widths x this (refign: 1)
                 ),
             ),
         )
@@ -174,7 +170,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.uda.refign.static_classes = (0, 1, 2, 3, 4, 5)  # sky, grass, road, water, building, sand
         c.uda.refign.alignment.path = ""
         c.uda.refign.alignment.allow_random = True
-        c.uda.refign.alignment.vgg_widths = (8, 16, 24, 32, 32)
+        c.uda.refign.alignment.vgg_widths = (8, 16, 24, 32, 32)  # the tiny UAWarpC of configs/uawarpc.py:tiny
+        c.uda.refign.alignment.coarse_size = 144
+        c.uda.refign.alignment.head_width = 0.25
         c.data.root = "data/synthetic_adverse/cityscapes"
         c.data.target_root = "data/synthetic_adverse/acdc"
         c.data.class_names = CLASSES

@@ -171,9 +171,17 @@ class UDASystem(System):
         )
 
     def build_alignment(self, rngs: nnx.Rngs) -> UAWarpC:
-        """Refign's frozen UAWarpC at config.uda.refign.alignment.vgg_widths (() = VGG-16's), compute dtype."""
-        widths = tuple(self.config.uda.refign.alignment.vgg_widths) or None
-        return UAWarpC(False, jnp.dtype(self.config.model.dtype), vgg_widths=widths, rngs=rngs)
+        """Refign's frozen UAWarpC at config.uda.refign.alignment's size (vgg_widths () = VGG-16's,
+        coarse_size, head_width), in the compute dtype."""
+        a = self.config.uda.refign.alignment
+        return UAWarpC(
+            False,
+            jnp.dtype(self.config.model.dtype),
+            vgg_widths=tuple(a.vgg_widths) or None,
+            coarse_size=a.coarse_size,
+            head_width=a.head_width,
+            rngs=rngs,
+        )
 
     def _hrda(self):
         """config.model.hrda when HRDA is on, else None."""
@@ -255,8 +263,8 @@ class UDASystem(System):
         if not a.path:
             if not a.allow_random:
                 raise ValueError(
-                    "config.uda.refign.alignment.path is empty: Refign's alignment needs the UAWarpC weights (a "
-                    "`scripts/convert.py uawarpc` or `scripts/eval_matching.py --export` folder); set "
+                    "config.uda.refign.alignment.path is empty: Refign's alignment needs the UAWarpC weights "
+                    "(a `scripts/convert.py uawarpc` or `scripts/eval_matching.py --export` folder); set "
                     "config.uda.refign.alignment.allow_random=True only for tests and demos"
                 )
             return "alignment_backbone, alignment_head: random (uda.refign.alignment.allow_random)"
@@ -330,7 +338,8 @@ class UDASystem(System):
 
     def _refined_probs(self, model: UDAModel, x_t: jax.Array, x_r: jax.Array, size) -> jax.Array:
         """Refign: the teacher once on cat[x_t, x_r] (bt each, normalised), the reference logits aligned onto
-        the target by the frozen UAWarpC (use_align; else unaligned), refined -> probabilities (bt, h, w, K)."""
+        the target by the frozen UAWarpC (use_align; else unaligned), refined -> probabilities
+        (bt, h, w, K)."""
         r = self.config.uda.refign
         bt = x_t.shape[0]
         logits = self._teacher(model, jnp.concatenate([x_t, x_r]), size)  # (2 bt, h, w, K): BN sees both

@@ -224,11 +224,19 @@ def test_pretrained_whole_refign_folder_and_alignment_folder(tmp_path):
     c.model.pretrained.path = str(whole)
     init = Trainer(c).init_state()
     got, want = _flat(init.params) | _flat(init.rest), _flat(nnx.state(source, (nnx.Param, nnx.BatchStat)))
-    for k in ("backbone.patch_embed1.proj.kernel", "m_head.conv_seg.kernel",
-              "imnet_backbone.block1.0.attn.q.kernel", "alignment_head.decoder4.predict_mapping.bias"):  # fmt: skip
+    keys = ("backbone.patch_embed1.proj.kernel", "m_head.conv_seg.kernel",
+            "imnet_backbone.block1.0.attn.q.kernel", "alignment_head.decoder4.predict_mapping.bias")  # fmt: skip
+    for k in keys:
         np.testing.assert_array_equal(got[k], want[k], err_msg=k)
 
-    net = UAWarpC(False, vgg_widths=tuple(c.uda.refign.alignment.vgg_widths), rngs=nnx.Rngs(3))
+    a = c.uda.refign.alignment
+    net = UAWarpC(
+        False,
+        vgg_widths=tuple(a.vgg_widths),
+        coarse_size=a.coarse_size,
+        head_width=a.head_width,
+        rngs=nnx.Rngs(3),
+    )
     c.model.pretrained.path = ""
     c.uda.refign.alignment.path = str(save_converted(tmp_path / "uawarpc", net, dict(source="test")))
     rest = _flat(Trainer(c).init_state().rest)
