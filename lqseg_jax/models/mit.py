@@ -13,7 +13,10 @@ mode only. Parameters fp32; `dtype` sets the compute dtype (LayerNorm and softma
 `block_remat` (memory for compute, off by default): each transformer block runs under `nnx.remat` with
 the named `jax.checkpoint_policies` policy, so a backward pass keeps what the policy saves
 ("nothing_saveable": only each block's input) and recomputes the rest of the block; outputs and
-gradients are unchanged.
+gradients are unchanged. XLA may schedule those recomputations early, all at once (XLA CPU does:
+benchmarks/RESULTS.md); "gated" keeps only each block's input too, through a `jax.custom_vjp` whose
+backward recomputes the block behind an optimization barrier with the block's output cotangent, so the
+recomputation cannot run before the backward pass reaches that block.
 """
 
 from __future__ import annotations
@@ -33,8 +36,8 @@ from lqseg_jax.models.layers import DropPath
 _LINEAR_INIT = jax.nn.initializers.normal(0.02)
 PATCH_SIZES = (7, 3, 3, 3)
 PATCH_STRIDES = (4, 2, 2, 2)
-# block_remat: what each block keeps for the backward pass, as jax.checkpoint_policies names
-BLOCK_REMAT_POLICIES = ("nothing_saveable", "dots_with_no_batch_dims_saveable", "dots_saveable")
+# block_remat: what each block keeps for the backward pass, as jax.checkpoint_policies names, or "gated"
+BLOCK_REMAT_POLICIES = ("nothing_saveable", "dots_with_no_batch_dims_saveable", "dots_saveable", "gated")
 
 MIT_PRESETS: dict[str, dict] = {
     "b0": dict(embed_dims=(32, 64, 160, 256), depths=(2, 2, 2, 2)),
@@ -200,6 +203,44 @@ def _call(block: Block, x: jax.Array) -> jax.Array:
     return block(x)  # (b, h, w, c)
 
 
+def _zero_cotangent(a):
+    if jnp.issubdtype(a.dtype, jnp.inexact):
+        return jnp.zeros_like(a)
+    return np.zeros(a.shape, jax.dtypes.float0)  # integer counts, RNG keys
+
+
+def _gated_call(block: Block, x: jax.Array) -> jax.Array:
+    """block(x), keeping only x (and the block's state) for the backward pass, which recomputes the block
+    after its output cotangent has arrived: the input and the cotangent go through one optimization
+    barrier, so a compiler cannot schedule the recomputation early (as it may with jax.checkpoint)."""
+    graphdef, params, rest = nnx.split(block, nnx.Param, ...)
+
+    def apply(params, rest, x):
+        module = nnx.merge(graphdef, params, rest, copy=True)
+        y = module(x)  # (b, h, w, c)
+        return y, nnx.state(module, nnx.Not(nnx.Param))  # drop-path RNG counts advanced
+
+    @jax.custom_vjp
+    def run(params, rest, x):
+        return apply(params, rest, x)
+
+    def run_fwd(params, rest, x):
+        return apply(params, rest, x), (params, rest, x)
+
+    def run_bwd(saved, cotangents):
+        ct_y = cotangents[0]  # (b, h, w, c)
+        saved, ct_y = jax.lax.optimization_barrier((saved, ct_y))
+        params, rest, x = saved
+        _, vjp = jax.vjp(lambda p, xx: apply(p, rest, xx)[0], params, x)
+        ct_params, ct_x = vjp(ct_y)
+        return ct_params, jax.tree.map(_zero_cotangent, rest), ct_x
+
+    run.defvjp(run_fwd, run_bwd)
+    y, rest = run(params, rest, x)
+    nnx.update(block, rest)
+    return y  # (b, h, w, c)
+
+
 class MixVisionTransformer(nnx.Module):
     """MiT encoder. Input (b, h, w, in_chans), already normalised; output the 4 stage features (b, h_s, w_s,
     embed_dims[s]) at strides 4, 8, 16, 32 in the compute dtype. Torch conv arithmetic: any h, w at least
@@ -304,7 +345,9 @@ class MixVisionTransformer(nnx.Module):
         self._check_input(x)
         x = x.astype(self.dtype)  # (b, h, w, in_chans)
         run_block = _call
-        if self.block_remat is not None:
+        if self.block_remat == "gated":
+            run_block = _gated_call
+        elif self.block_remat is not None:
             run_block = nnx.remat(_call, policy=getattr(jax.checkpoint_policies, self.block_remat))
         outs = []
         for s in range(1, 5):

@@ -1,5 +1,6 @@
-"""MiT per-block rematerialisation (`block_remat`): same outputs and parameter gradients as without, in
-train mode (stochastic depth draws replayed identically), and the backward really recomputes each block."""
+"""MiT per-block rematerialisation (`block_remat`: a jax.checkpoint policy, or "gated"): same outputs and
+parameter gradients as without, in train mode (stochastic depth draws replayed identically), and the
+backward really recomputes each block ("gated": behind a barrier with the block's output cotangent)."""
 
 import jax
 import jax.numpy as jnp
@@ -25,10 +26,11 @@ def loss_fn(model, x):
     return sum(jnp.sum(jnp.sin(f) * (i + 1)) for i, f in enumerate(feats)), feats
 
 
-def test_block_remat_gives_the_same_outputs_and_gradients():
+@pytest.mark.parametrize("policy", ["nothing_saveable", "gated"])
+def test_block_remat_gives_the_same_outputs_and_gradients(policy):
     x = jax.random.normal(jax.random.key(3), (2, 64, 72, 3))  # (b, h, w, 3)
     results = []
-    for block_remat in (None, "nothing_saveable"):
+    for block_remat in (None, policy):
         model = build(block_remat)
         model.train()  # drop-path on: its draws must be replayed identically in the recomputation
         (loss, feats), grads = nnx.jit(nnx.value_and_grad(loss_fn, has_aux=True))(model, x)
@@ -68,6 +70,19 @@ def test_block_remat_recomputes_each_block_in_the_backward(block_remat):
     jaxpr = str(jax.make_jaxpr(jax.grad(loss))(params, jnp.ones((1, 64, 64, 3))))
     # the backward pass holds one rematerialised forward per block (none without block_remat)
     assert jaxpr.count("remat") == (sum(TINY["depths"]) if block_remat else 0)
+
+
+def test_gated_block_remat_recomputes_each_block_behind_its_output_cotangent():
+    model = build("gated")
+    model.eval()
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss(params, x):
+        return loss_fn(nnx.merge(graphdef, params, rest, copy=True), x)[0]
+
+    jaxpr = str(jax.make_jaxpr(jax.grad(loss))(params, jnp.ones((1, 64, 64, 3))))
+    # one barrier per block joins its saved input with its output cotangent before the recomputation
+    assert jaxpr.count("optimization_barrier") == sum(TINY["depths"])
 
 
 def test_block_remat_rejects_an_unknown_policy():
