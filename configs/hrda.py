@@ -54,6 +54,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval.mode = "slide"  # refign `use_slide_inference`
     c.eval.crop = (1080, 1080)
     c.eval.stride = (420, 420)
+    c.eval.resize_labels = False  # HRDA*: val and test on full-resolution images and labels
     if parts[0] == "tiny":
         c.model.hrda.scale_attention.channels = 64
         c.data.crop = (96, 96)

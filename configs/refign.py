@@ -28,8 +28,11 @@ uda.refign.alignment.allow_random). One flag may follow the variant:
          reference, no alignment network), e.g. `:tiny,no_refign`;
   ",source_only": the source-only baseline (same network, data and schedule, no target loss, no Refign).
 Evaluation (scripts/eval.py, eval_every) is on the target's val split (eval.source / eval.root): ACDC,
-Dark Zurich, RobotCar val; for "tiny" the synthetic ACDC-layout val split. Override any field with
---config.key=value (when changing data.target_root, change eval.root too).
+Dark Zurich, RobotCar val; for "tiny" the synthetic ACDC-layout val split. refign.md section 9: the val
+stage at 540x960 with the label resized too, `scripts/eval.py --protocol test` keeps full-resolution labels
+(logits resized to them), `--predict` writes the test split as the servers take it; Dark Zurich adds
+Nighttime Driving and BDD100k-night (eval.extra_sets); mIoU over all 19 classes (RobotCar: over present
+classes). Override any field with --config.key=value (when changing data.target_root, change eval.root too).
 """
 
 import ml_collections
@@ -129,6 +132,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
     c.eval.split = "val"
     c.eval.scale = (960, 540)
+    c.eval.resize_labels = True  # refign's val stage: label resized with the image; --protocol test: full res
+    c.eval.present_classes_only = False  # refign's IoU: mean over all 19 classes, union 0 -> 0
 
     c.batch_size = 2  # source images per step; the same number of target pairs
     c.total_steps = 40_000
@@ -145,6 +150,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if variant == "darkzurich":
         c.data.target = "darkzurich"
         c.data.target_root = "data/dark_zurich"
+        c.eval.extra_sets = ml_collections.ConfigDict(
+            dict(  # refign's Dark Zurich test stage; roots: prepared records, or the on-disk folders (+ night list)
+                nighttimedriving=dict(source="nighttimedriving", root="data/nighttime_driving", split="test"),
+                bdd100k_night=dict(
+                    source="bdd100k-night",
+                    root="data/bdd100k_night",
+                    split="test",
+                    options=dict(night_list="data/bdd100k_night/images_trainval_night_correct_filenames.txt"),
+                ),
+            )
+        )
     elif variant == "robotcar":
         c.data.target = "robotcar"
         c.data.target_root = "data/robotcar"
@@ -152,6 +168,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.data.target_split = "pairs"
         c.data.labelled_target.enabled = True
         c.eval.scale = ()
+        c.eval.present_classes_only = True  # refign over_present_classes
+        c.eval.test_split = "test"  # refign's test stage: RobotCar's testing split
         c.total_steps = 20_000
         c.checkpoint.every = 2000
         c.eval_every = 2000
@@ -186,6 +204,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.data.crop = (64, 64)
         c.data.rcs.enabled = False
         c.eval.scale = ()
+        c.eval.present_classes_only = True  # as the demo numbers were measured (classes with GT pixels)
         c.eval.batch_size = 10
         c.batch_size = 8
         c.total_steps = 300

@@ -2,8 +2,11 @@
 
 Default: DAFormer (MiT-B0) and tiny RASS; `--variants daformer,mask2former` compares the two heads.
 `--variants uda`: domain adaptation on the synthetic paired adverse data (Cityscapes-layout scenes ->
-ACDC-layout night/fog/rain): configs/refign.py:tiny trained source-only and with self-training UDA for the
-same steps, both evaluated on the adverse val split (data/synthetic_adverse).
+ACDC-layout night/fog/rain): configs/refign.py:tiny,no_refign trained source-only and with self-training UDA
+for the same steps, both evaluated on the adverse val split (data/synthetic_adverse).
+`--variants refign`: the same two runs plus Refign ablation row 1 (configs/refign.py:tiny,row1: the unaligned
+reference, eps 0.5) and row 6 (configs/refign.py:tiny: aligned, trust, adaptation to the reference), whose
+alignment network is OUT/uawarpc/export (trained first by the uawarpc variant when it is missing).
 `--variants uawarpc`: the alignment network: configs/uawarpc.py:tiny trained on the synthetic pairs
 (data/synthetic_matching); PCK-1/5 and AEPE on the held-out val pairs (true flows) before training (the
 untrained network, step 0) and after, beside the zero-flow baseline; the trained network is exported to
@@ -115,12 +118,21 @@ def main(argv=None):
         if variant == "uawarpc":
             demo_uawarpc(Path(args.out))
             continue
-        if variant == "uda":  # the adaptation demo: both runs, same network, data and steps
-            runs += [("source_only", "configs/refign.py:tiny,source_only"), ("uda", "configs/refign.py:tiny")]
-        else:
-            runs.append((variant, f"configs/demo.py:{variant}"))
-    for variant, config_path in runs:
+        if variant in ("uda", "refign"):  # adaptation: every run with the same network, data and steps
+            runs += [("source_only", "configs/refign.py:tiny,source_only", None)]
+            runs += [("uda", "configs/refign.py:tiny,no_refign", None)]
+        if variant == "refign":
+            export = Path(args.out) / "uawarpc" / "export"
+            if not (export / "meta.json").is_file():
+                demo_uawarpc(Path(args.out))
+            runs += [("refign_row1", "configs/refign.py:tiny,row1", None)]
+            runs += [("refign", "configs/refign.py:tiny", str(export))]
+        elif variant != "uda":
+            runs.append((variant, f"configs/demo.py:{variant}", None))
+    for variant, config_path, alignment in runs:
         config = load_config(config_path)
+        if alignment is not None:  # the alignment network the uawarpc variant trained
+            config.uda.refign.alignment.path = alignment
         workdir = Path(args.out) / variant
         shutil.rmtree(workdir, ignore_errors=True)
         print(f"== {variant}: training {config.total_steps} steps on {config.data.root} ==", flush=True)
@@ -141,6 +153,8 @@ def main(argv=None):
         print(f"{variant:<12} mIoU {miou:6.2f}   ({seconds:.0f} s)")
     if "uda" in results and "source_only" in results:
         print(f"UDA - source-only: {results['uda'][0] - results['source_only'][0]:+.2f} mIoU")
+    if "refign" in results and "uda" in results:
+        print(f"Refign (row 6) - UDA: {results['refign'][0] - results['uda'][0]:+.2f} mIoU")
 
 
 if __name__ == "__main__":

@@ -19,13 +19,27 @@ def test_unknown_demo_variant_is_named():
 
 
 def test_uda_demo_pair_differs_only_in_the_target_loss():
-    """`scripts/demo.py --variants uda` trains configs/refign.py:tiny and :tiny,source_only: the same network,
-    data, steps and evaluation; only uda.enabled differs."""
+    """`scripts/demo.py --variants uda` trains configs/refign.py:tiny,no_refign and :tiny,source_only: the
+    same network, data, steps and evaluation; only uda.enabled differs."""
     uda, source_only = (
-        load_config("configs/refign.py:tiny"),
+        load_config("configs/refign.py:tiny,no_refign"),
         load_config("configs/refign.py:tiny,source_only"),
     )
     assert uda.uda.enabled and not source_only.uda.enabled
     source_only.uda.enabled = True
     assert uda.to_dict() == source_only.to_dict()
     assert uda.eval.source == "acdc" and uda.eval.root == uda.data.target_root
+
+
+def test_refign_demo_rows_differ_only_in_the_refign_switches():
+    """`scripts/demo.py --variants refign` adds rows 1 and 6 (configs/refign.py:tiny,row1 and :tiny) to the UDA
+    run: the same network, data, steps and evaluation; only config.uda.refign differs."""
+    uda, row1, row6 = (load_config(f"configs/refign.py:tiny{flag}") for flag in (",no_refign", ",row1", ""))
+    assert not uda.uda.refign.use_refign
+    assert row1.uda.refign.use_refign and not row1.uda.refign.use_align and row1.uda.refign.gamma == 0
+    r6 = row6.uda.refign
+    assert r6.use_refign and r6.use_align and r6.adapt_to_ref and r6.gamma == 0.25
+    assert not (r6.disable_P or r6.disable_M)
+    for cfg in (row1, row6):
+        cfg.uda.refign = uda.uda.refign
+        assert cfg.to_dict() == uda.to_dict()
