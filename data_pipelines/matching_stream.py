@@ -207,3 +207,68 @@ def ensure_data(config: ml_collections.ConfigDict) -> None:
         )
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("synthetic matching dataset written")
+
+
+def _warped_pair(key, image, stored_flow, spec, against: str):
+    """warped_eval_examples' device half for one pair: (prime (h, w, 3) uint8, flow (h, w, 2))."""
+    import jax.numpy as jnp
+
+    from lqseg_jax.models.uawarpc import warp
+
+    from .flow_warps import OUT_OF_RANGE, synthetic_flow
+
+    h, w, _ = image.shape
+    s = synthetic_flow(key, h, w, spec)  # (h, w, 2) prime -> target
+    prime, inside = warp(image[None], s[None])  # (1, h, w, 3) fp32, (1, h, w) strictly inside the target
+    prime = jnp.clip(jnp.round(prime[0]), 0, 255).astype(jnp.uint8)  # (h, w, 3)
+    flow = s
+    if against == "reference":
+        f, _ = warp(stored_flow[None], s[None])  # (1, h, w, 2): the stored flow at p + s(p)
+        flow = s + f[0]  # (h, w, 2) prime -> reference
+    return prime, jnp.where(inside[0, ..., None], flow, OUT_OF_RANGE)
+
+
+def warped_eval_examples(
+    source, spec, *, seed: int = 0, against: str = "target", count: int = 0
+) -> list[dict]:
+    """Held-out matching pairs with large known flows: each target image of `source` (items {"name",
+    "image", "reference", "flow"} as SyntheticPairs', at their stored size) warped by one training-family
+    synthetic flow (flow_warps.synthetic_flow with `spec`, e.g. WarpSpec.stage(1); key fold_in(key(seed), i)
+    for pair i, so a seed always gives the same pairs).
+
+    Pair i is {"name", "image": prime, "reference", "flow", "matches"} for eval/matching.evaluate_matching:
+    prime(p) = target(p + s(p)) (bilinear, 0 outside, rounded to uint8) with s the synthetic flow (prime ->
+    target, pixels), as the training's image prime without its photometric augmentation;
+    against "target": reference = the target itself, flow = s (the warp-supervision pass prime -> target);
+    against "reference": reference = the pair's reference, flow = s(p) + f(p + s(p)) with f the stored
+    target -> reference flow sampled bilinearly (the real cross-condition pair with a large warp added).
+    "flow" is OUT_OF_RANGE (1e10) where p + s(p) is not strictly inside the target; "matches" =
+    flow_matches(flow), the correspondences inside the reference. `count` > 0 keeps the first `count` items."""
+    import jax
+
+    if against not in ("target", "reference"):
+        raise ValueError(f"warped_eval_examples: against must be 'target' or 'reference', got {against!r}")
+    build = jax.jit(_warped_pair, static_argnums=(3, 4))
+    base = jax.random.key(seed)
+    n = min(count, len(source)) if count else len(source)
+    out = []
+    for i in range(n):
+        item = source[i]
+        if item["image"].shape[:2] != item["flow"].shape[:2]:
+            raise ValueError(
+                f"warped_eval_examples: {item['name']}: image {item['image'].shape} and flow "
+                f"{item['flow'].shape} differ in size"
+            )
+        key = jax.random.fold_in(base, i)
+        prime, flow = build(key, item["image"], np.asarray(item["flow"], np.float32), spec, against)
+        flow = np.asarray(flow)
+        out.append(
+            {
+                "name": f"{item['name']} warped",
+                "image": np.asarray(prime),
+                "reference": item["image"] if against == "target" else item["reference"],
+                "flow": flow,
+                "matches": flow_matches(flow),
+            }
+        )
+    return out
