@@ -17,12 +17,20 @@ gradients are unchanged. XLA may schedule those recomputations early, all at onc
 benchmarks/RESULTS.md); "gated" keeps only each block's input too, through a `jax.custom_vjp` whose
 backward recomputes the block behind an optimization barrier with the block's output cotangent, so the
 recomputation cannot run before the backward pass reaches that block.
+
+`scan_blocks` (off by default) runs each stage's blocks as one `jax.lax.scan` over their parameters,
+stacked at call time (the module and parameter layout stay as above), with the scan body under
+jax.checkpoint keeping only each block's input: the backward pass is a loop recomputing one block per
+iteration, which a compiler cannot hoist. Each block's stochastic-depth rate is scanned data and its mask
+comes from that block's own "dropout" key stream, so outputs, gradients and drop-path draws are those of
+the unrolled blocks. It replaces `block_remat` (the two together raise).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -194,9 +202,23 @@ class Block(nnx.Module):
         self.norm2 = _layer_norm(dim, layer_norm_eps, rngs)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), dtype=dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = x + self.drop_path(self.attn(self.norm1(x.astype(jnp.float32))))  # (b, h, w, c)
-        return x + self.drop_path(self.mlp(self.norm2(x.astype(jnp.float32))))  # (b, h, w, c)
+    def __call__(self, x: jax.Array, keep_prob: jax.Array | None = None) -> jax.Array:
+        """`keep_prob` (a traced fp32 scalar, 1 - rate) replaces the static drop-path rate (scan_blocks)."""
+        x = x + self._drop_path(self.attn(self.norm1(x.astype(jnp.float32))), keep_prob)  # (b, h, w, c)
+        return x + self._drop_path(self.mlp(self.norm2(x.astype(jnp.float32))), keep_prob)  # (b, h, w, c)
+
+    def _drop_path(self, y: jax.Array, keep_prob: jax.Array | None) -> jax.Array:
+        if keep_prob is None:
+            return self.drop_path(y)  # (b, h, w, c)
+        if self.drop_path.deterministic:
+            return y
+        # nnx.Dropout's draw with the rate as data: the key is the stream's next one, as the DropPath would
+        # draw it, but the stream only advances where the rate is positive (a rate-0 DropPath draws nothing)
+        stream = self.drop_path.rngs
+        key = jax.random.fold_in(stream.key[...], stream.count[...])
+        stream.count[...] += (keep_prob < 1).astype(stream.count.dtype)
+        keep = jax.random.bernoulli(key, keep_prob, (y.shape[0], 1, 1, 1))  # (b, 1, 1, 1)
+        return jnp.where(keep, y / keep_prob.astype(y.dtype), jnp.zeros_like(y))  # (b, h, w, c)
 
 
 def _call(block: Block, x: jax.Array) -> jax.Array:
@@ -241,6 +263,31 @@ def _gated_call(block: Block, x: jax.Array) -> jax.Array:
     return y  # (b, h, w, c)
 
 
+def _scan_stage(blocks: Sequence[Block], x: jax.Array) -> jax.Array:
+    """The stage's blocks as one jax.lax.scan over their stacked states, the body under jax.checkpoint
+    (only each block's input saved): the backward pass is a loop that recomputes one block per iteration.
+    Each block's drop-path rate goes in as scanned data (keep probability), its drop-path key stream
+    too; the advanced streams are written back to the blocks."""
+    if len({b.drop_path.deterministic for b in blocks}) > 1:
+        raise ValueError(
+            "MixVisionTransformer: scan_blocks needs a stage's blocks all in train or all in eval mode"
+        )
+    graphdef = nnx.graphdef(blocks[0])  # the blocks differ only in their static drop-path rate
+    stacked = jax.tree.map(lambda *v: jnp.stack(v), *[nnx.state(b) for b in blocks])  # (depth, ...) leaves
+    keep_prob = jnp.asarray([1.0 - b.drop_path.rate for b in blocks], jnp.float32)  # (depth,)
+
+    @partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=False)
+    def body(x, scanned):
+        state, keep = scanned
+        block = nnx.merge(graphdef, state, copy=True)
+        return block(x, keep), nnx.state(block, nnx.RngState)  # (b, h, w, c), advanced streams
+
+    x, streams = jax.lax.scan(body, x, (stacked, keep_prob))  # (b, h, w, c)
+    for i, block in enumerate(blocks):
+        nnx.update(block, jax.tree.map(lambda v, i=i: v[i], streams))
+    return x  # (b, h, w, c)
+
+
 class MixVisionTransformer(nnx.Module):
     """MiT encoder. Input (b, h, w, in_chans), already normalised; output the 4 stage features (b, h_s, w_s,
     embed_dims[s]) at strides 4, 8, 16, 32 in the compute dtype. Torch conv arithmetic: any h, w at least
@@ -263,6 +310,7 @@ class MixVisionTransformer(nnx.Module):
         layer_norm_eps: float = 1e-6,
         dtype=jnp.float32,
         block_remat: str | None = None,
+        scan_blocks: bool = False,
         *,
         rngs: nnx.Rngs,
     ):
@@ -270,6 +318,11 @@ class MixVisionTransformer(nnx.Module):
             raise ValueError(
                 f"MixVisionTransformer: block_remat must be None or one of {', '.join(BLOCK_REMAT_POLICIES)} "
                 f"(jax.checkpoint_policies), got {block_remat!r}"
+            )
+        if scan_blocks and block_remat is not None:
+            raise ValueError(
+                f"MixVisionTransformer: scan_blocks already rematerialises each block (only its input "
+                f"saved); block_remat must be None with it, got {block_remat!r}"
             )
         for name, seq in dict(
             embed_dims=embed_dims, num_heads=num_heads, depths=depths, sr_ratios=sr_ratios
@@ -284,6 +337,7 @@ class MixVisionTransformer(nnx.Module):
         self.in_chans = in_chans
         self.dtype = dtype
         self.block_remat = block_remat
+        self.scan_blocks = scan_blocks
         rates = np.linspace(0.0, drop_path_rate, sum(self.depths))  # stochastic depth decay rule
         cur = 0
         in_dim = in_chans
@@ -352,8 +406,12 @@ class MixVisionTransformer(nnx.Module):
         outs = []
         for s in range(1, 5):
             x = getattr(self, f"patch_embed{s}")(x)  # (b, h_s, w_s, c_s)
-            for blk in getattr(self, f"block{s}"):
-                x = run_block(blk, x)  # (b, h_s, w_s, c_s)
+            blocks = getattr(self, f"block{s}")
+            if self.scan_blocks:
+                x = _scan_stage(blocks, x)  # (b, h_s, w_s, c_s)
+            else:
+                for blk in blocks:
+                    x = run_block(blk, x)  # (b, h_s, w_s, c_s)
             x = getattr(self, f"norm{s}")(x.astype(jnp.float32)).astype(self.dtype)  # (b, h_s, w_s, c_s)
             outs.append(x)
         return outs
