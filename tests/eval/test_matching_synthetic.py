@@ -37,8 +37,9 @@ def stored_flow(x, y):
 
 
 def source(n: int = COUNT, *, target_ramp: bool = True) -> list[dict]:
-    """n copies of one pair; target_ramp: the target is the ramp (and the reference the ramp moved),
-    else the reference is the ramp and target(p) = reference(p + f(p))."""
+    """n copies of one pair with the stored flow f; target_ramp: the target is the ramp (for pairs against
+    the target, which do not read the reference), else the reference is the ramp and target(p) =
+    reference(p + f(p))."""
     y, x = np.mgrid[0:H, 0:W].astype(np.float64)
     f = stored_flow(x, y)  # (H, W, 2)
     moved = ramp(x + f[..., 0], y + f[..., 1])
