@@ -11,7 +11,9 @@ benchmarks/RESULTS.md). --remat rematerialises the student's encoder in the back
 (lqseg_jax/models/mit.py: each block under nnx.remat with that jax.checkpoint_policies policy; only the
 student's is differentiated, so the teacher and the ImageNet encoder just run forward). --head-remat
 rematerialises the student's DAFormer decode head in both HRDA student passes (the head is passed to
-hrda.student_forward wrapped in nnx.remat, as uda.py wraps the encoder for --remat). Both apply the
+hrda.student_forward wrapped in nnx.remat, as uda.py wraps the encoder for --remat). --scan-blocks /
+--no-scan-blocks sets model.scan_blocks (every MiT's stages as rematerialised scans: mit.py scan_blocks;
+configs/hrda.py turns it on), otherwise the config's value holds; block remat needs --no-scan-blocks. Both apply the
 change in this process only (the presets / hrda.student_forward), as uda.py would with the config keys
 proposed in RESULTS.md.
 
@@ -29,7 +31,7 @@ linearly in each stage's depth, and two shallower compiles extrapolate the full 
 
     python benchmarks/hrda_memory.py [--crop 1024] [--batch 2] [--dtype bfloat16] [--remat] [--config C]
                                      [--depths 3,6,40,3] [--block-remat nothing_saveable] [--head-remat]
-                                     [--dump DIR]
+                                     [--scan-blocks | --no-scan-blocks] [--dump DIR]
     python benchmarks/hrda_memory.py --analyse DIR
 """
 
@@ -231,6 +233,12 @@ def main(argv=None):
     )
     parser.add_argument("--block-remat", default=None, help="MiT block_remat policy, e.g. nothing_saveable")
     parser.add_argument("--head-remat", action="store_true", help="remat the student's decode head")
+    parser.add_argument(
+        "--scan-blocks",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="model.scan_blocks: MiT stages as rematerialised scans (default: the config's)",
+    )
     parser.add_argument("--dump", default=None, help="write XLA's dumps of the step to this folder")
     parser.add_argument(
         "--assignment-only",
@@ -260,6 +268,8 @@ def main(argv=None):
             "mesh.fsdp": 1,
         },
     )
+    if args.scan_blocks is not None:
+        config.model.scan_blocks = args.scan_blocks
     preset = config.model.backbone.removeprefix("mit_")
     if args.depths:
         mit.MIT_PRESETS[preset] = {
@@ -279,6 +289,7 @@ def main(argv=None):
         remat=args.remat,
         block_remat=args.block_remat,
         head_remat=args.head_remat,
+        scan_blocks=config.model.scan_blocks,
         backend=jax.default_backend(),
         **step_memory(config, args.dump if args.assignment_only else None),
     )

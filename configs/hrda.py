@@ -46,6 +46,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             remat=False,  # recompute the encoder's activations in the backward pass (memory for compute)
         )
     )
+    # MiT stages as rematerialised scans: the backward recomputes one block at a time (mit.py scan_blocks;
+    # benchmarks/RESULTS.md "HRDA* UDA step memory"); the tiny variant keeps the unrolled blocks
+    c.model.scan_blocks = parts[0] != "tiny"
     c.data.source_size = ()  # full resolution
     c.data.target_size = ()
     c.data.crop = (1024, 1024)

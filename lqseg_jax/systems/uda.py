@@ -136,7 +136,7 @@ class UDASystem(System):
         m = self.config.model
         dtype = jnp.dtype(m.dtype)
         backbone = MixVisionTransformer.from_preset(
-            m.backbone, drop_path_rate=m.drop_path_rate, dtype=dtype, rngs=rngs
+            m.backbone, drop_path_rate=m.drop_path_rate, dtype=dtype, scan_blocks=m.scan_blocks, rngs=rngs
         )
         head = DAFormerHead(
             backbone.embed_dims,
@@ -154,7 +154,7 @@ class UDASystem(System):
         """The frozen ImageNet encoder: the student's backbone without stochastic depth (eval mode)."""
         m = self.config.model
         return MixVisionTransformer.from_preset(
-            m.backbone, drop_path_rate=0.0, dtype=jnp.dtype(m.dtype), rngs=rngs
+            m.backbone, drop_path_rate=0.0, dtype=jnp.dtype(m.dtype), scan_blocks=m.scan_blocks, rngs=rngs
         )
 
     def build_scale_attention(self, rngs: nnx.Rngs) -> hrda.SegFormerHead:

@@ -32,6 +32,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.num_classes = 19
     c.model.dtype = "float32"  # compute dtype; "bfloat16" on accelerators
+    c.model.scan_blocks = False  # MiT encoders: each stage's blocks as one rematerialised scan (memory)
     c.model.pretrained = ml_collections.ConfigDict(dict(path="", prefix=""))
 
     c.data = ml_collections.ConfigDict(
