@@ -56,15 +56,24 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def config_mismatch(saved: dict, current: dict, keys: tuple[str, ...] = STATE_KEYS) -> list[str]:
-    """Human-readable differences between the `keys` sections (or fields) of two config dicts."""
+    """Human-readable differences between the `keys` sections (or fields) of two config dicts. A field the
+    saved config lacks is no difference while the current config holds it at base_config's default: the
+    checkpoint predates the option, and its run had the default behaviour."""
+    from .config import base_config
+
+    defaults = _flatten(config_to_dict(base_config()))
     a = _flatten({k: saved.get(k, "<absent>") for k in keys})
     b = _flatten({k: current.get(k, "<absent>") for k in keys})
     diffs = []
     for key in sorted(set(a) | set(b)):
         va, vb = a.get(key, "<absent>"), b.get(key, "<absent>")
-        if json.dumps(va, default=str) != json.dumps(vb, default=str):
+        if not _same(va, vb) and not (key not in a and key in defaults and _same(vb, defaults[key])):
             diffs.append(f"{key}: checkpoint has {va!r}, config has {vb!r}")
     return diffs
+
+
+def _same(x, y) -> bool:
+    return json.dumps(x, default=str) == json.dumps(y, default=str)
 
 
 def config_to_dict(config: ml_collections.ConfigDict) -> dict:
