@@ -452,7 +452,9 @@ def uda_dataset(
         labelled_batch * process_count,
     )
     ds = grain.MapDataset.range(_BIG).map(step)
-    return ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch))
+    # an element is a whole step: grain reads at most `prefetch` of them at once, so more threads idle
+    threads = min(num_threads, prefetch)
+    return ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=prefetch))
 
 
 # ----------------------------------------------------------------------------------- evaluation resizes
