@@ -8,9 +8,11 @@ for the same steps, both evaluated on the adverse val split (data/synthetic_adve
 reference, eps 0.5) and row 6 (configs/refign.py:tiny: aligned, trust, adaptation to the reference), whose
 alignment network is OUT/uawarpc/export (trained first by the uawarpc variant when it is missing).
 `--variants uawarpc`: the alignment network: configs/uawarpc.py:tiny trained on the synthetic pairs
-(data/synthetic_matching); PCK-1/5 and AEPE on the held-out val pairs (true flows) before training (the
-untrained network, step 0) and after, beside the zero-flow baseline; the trained network is exported to
-OUT/uawarpc/export (a converted folder: Refign's config.uda.refign.alignment.path).
+(data/synthetic_matching); PCK-1/5 and AEPE on the held-out val pairs (true flows, small) and on their
+targets warped by the training's synthetic warps (large flows; against the target and against the
+reference) before training (the untrained network, step 0) and after, beside the zero-flow baseline; the
+trained network is exported to OUT/uawarpc/export (a converted folder: Refign's
+config.uda.refign.alignment.path).
 
 Runs from scratch each time into runs/demo/<variant>; the dataset is written once to data/synthetic.
 Compiled programs go to a persistent cache in runs/demo/jax_cache, so a second run compiles far less.
@@ -40,31 +42,53 @@ from lqseg_jax.train.loop import train
 UAWARPC_CONFIG = "configs/uawarpc.py:tiny"
 
 
-def zero_flow_baseline(config) -> dict:
-    """Matching metrics of the identity (flow 0 everywhere) on config.eval's pairs."""
-    import numpy as np
-
-    from lqseg_jax.data_pipelines.matching_stream import eval_example, matching_source
-    from lqseg_jax.eval.matching import evaluate_matching
+def matching_sets(config) -> dict[str, list[dict]]:
+    """config.eval's held-out pairs as stored (small flows), and their targets warped by the training's
+    synthetic warps (matching_stream.warped_eval_examples, seed 0: large flows) against the target itself and
+    against the pair's reference."""
+    from lqseg_jax.data_pipelines.matching_stream import eval_example, matching_source, warped_eval_examples
+    from lqseg_jax.systems.uawarpc import warp_spec
 
     e = config.eval
     source = matching_source(e.source, e.root, e.split)
-    return evaluate_matching(
-        lambda t, r: (np.zeros((*t.shape[:3], 2), np.float32), np.zeros(t.shape[:3], np.float32)),
-        [eval_example(source[i]) for i in range(len(source))],
-        short_side=e.short_side,
-        mean=config.data.mean,
-        std=config.data.std,
-        dims=tuple(e.dims),
-        progress=False,
-    )
+    spec = warp_spec(config)
+    return {
+        "val pairs": [eval_example(source[i]) for i in range(len(source))],
+        "warped vs target": warped_eval_examples(source, spec, seed=0, against="target"),
+        "warped vs reference": warped_eval_examples(source, spec, seed=0, against="reference"),
+    }
+
+
+def zero_flow(target, reference):
+    """The identity matcher: flow 0 and uncertainty 0 everywhere."""
+    import numpy as np
+
+    return np.zeros((*target.shape[:3], 2), np.float32), np.zeros(target.shape[:3], np.float32)
+
+
+def state_match(trainer, state):
+    """match(target, reference) of `state`'s eval-mode network."""
+    from lqseg_jax.eval.matching import make_match_fn
+
+    match = make_match_fn(trainer)
+    params, rest = trainer.eval_params(state), state.rest
+    return lambda target, reference: match(params, rest, target, reference)
+
+
+def evaluate_sets(config, sets: dict, match) -> dict:
+    """Matching metrics of `match` on each set of `sets` at config.eval's size."""
+    from lqseg_jax.eval.matching import evaluate_matching
+
+    e = config.eval
+    kw = dict(short_side=e.short_side, mean=config.data.mean, std=config.data.std, dims=tuple(e.dims))
+    return {name: evaluate_matching(match, examples, progress=False, **kw) for name, examples in sets.items()}
 
 
 def demo_uawarpc(out: Path) -> dict:
     """Trains the tiny UAWarpC into OUT/uawarpc, evaluates it before and after, exports it."""
     from lqseg_jax.data_pipelines.matching_stream import ensure_data
     from lqseg_jax.eval.evaluate import restore_workdir
-    from lqseg_jax.eval.matching import evaluate_state, export_state
+    from lqseg_jax.eval.matching import export_state
     from lqseg_jax.train.trainer import Trainer
 
     config = load_config(UAWARPC_CONFIG)
@@ -76,21 +100,25 @@ def demo_uawarpc(out: Path) -> dict:
         f"== uawarpc: {UAWARPC_CONFIG}, training {config.total_steps} steps on {config.data.root} ==",
         flush=True,
     )
-    results = {"zero flow": zero_flow_baseline(config)}
+    sets = matching_sets(config)
+    results = {"zero flow": evaluate_sets(config, sets, zero_flow)}
     trainer = Trainer(config)
-    results["before (step 0)"] = evaluate_state(trainer, trainer.init_state())
+    results["before (step 0)"] = evaluate_sets(config, sets, state_match(trainer, trainer.init_state()))
     train(config, workdir)
     trainer, state = restore_workdir(config, workdir)
-    results[f"after (step {int(state.step)})"] = evaluate_state(trainer, state)
+    results[f"after (step {int(state.step)})"] = evaluate_sets(config, sets, state_match(trainer, state))
     export = export_state(trainer, state, workdir / "export", f"{workdir} step {int(state.step)}")
     seconds = time.time() - t0
     print(
-        f"held-out synthetic pairs ({config.eval.root} {config.eval.split}, short side {config.eval.short_side}):"
+        f"held-out synthetic pairs ({config.eval.root} {config.eval.split}, short side {config.eval.short_side}; "
+        "warped: the val targets under the training's synthetic warps, seed 0):"
     )
-    for name, r in results.items():
-        print(
-            f"  {name:<16} PCK-1 {100 * r['PCK_1']:6.2f}   PCK-5 {100 * r['PCK_5']:6.2f}   AEPE {r['AEPE']:7.3f} px"
-        )
+    for set_name in sets:
+        print(f"  {set_name}:")
+        for name, by_set in results.items():
+            r = by_set[set_name]
+            pck1, pck5 = 100 * r["PCK_1"], 100 * r["PCK_5"]
+            print(f"    {name:<16} PCK-1 {pck1:6.2f}   PCK-5 {pck5:6.2f}   AEPE {r['AEPE']:7.3f} px")
     print(f"exported to {export} (Refign: config.uda.refign.alignment.path); {seconds:.0f} s")
     return results
 
