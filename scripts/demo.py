@@ -1,12 +1,15 @@
 """`make demo`: writes the synthetic scenes, trains each demo network on CPU, evaluates, prints mIoU.
 
-Default: DAFormer (MiT-B0) and tiny RASS; `--variants daformer,mask2former` compares the two heads.
-`--variants uda`: domain adaptation on the synthetic paired adverse data (Cityscapes-layout scenes ->
-ACDC-layout night/fog/rain): configs/refign.py:tiny,no_refign trained source-only and with self-training UDA
-for the same steps, both evaluated on the adverse val split (data/synthetic_adverse).
-`--variants refign`: the same two runs plus Refign ablation row 1 (configs/refign.py:tiny,row1: the unaligned
-reference, eps 0.5) and row 6 (configs/refign.py:tiny: aligned, trust, adaptation to the reference), whose
-alignment network is OUT/uawarpc/export (trained first by the uawarpc variant when it is missing).
+Default (`make demo`): the two systems of the project, tiny RASS (configs/demo.py:rass, on the synthetic
+scenes) and Refign-DAFormer's ablation row 1 (configs/refign.py:tiny,row1: self-training refined with the
+unaligned reference's prediction, so no alignment network is needed), on the synthetic paired adverse data.
+Single runs: configs/demo.py's `daformer`, `mask2former`, `rass`, and the adaptation runs `source_only`,
+`uda`, `refign_row1`, `refign` (row 6; needs the alignment network, below), all adaptation runs with the
+same network, data and steps, evaluated on the adverse val split (data/synthetic_adverse: Cityscapes-layout
+scenes -> ACDC-layout night/fog/rain). Groups: `--variants uda` = source_only + uda; `--variants
+adaptation` = source_only + uda + refign_row1 + refign. Refign row 6 (configs/refign.py:tiny: aligned,
+trust, adaptation to the reference) uses the alignment network at OUT/uawarpc/export, trained first by the
+uawarpc variant when it is missing.
 `--variants uawarpc`: the alignment network: configs/uawarpc.py:tiny trained on the synthetic pairs
 (data/synthetic_matching); PCK-1/5 and AEPE on the held-out val pairs (true flows, small) and on their
 targets warped by the training's synthetic warps (large flows; against the target and against the
@@ -123,45 +126,63 @@ def demo_uawarpc(out: Path) -> dict:
     return results
 
 
+ADAPTATION = {  # the same network, data, steps and evaluation; only the adaptation differs
+    "source_only": "configs/refign.py:tiny,source_only",
+    "uda": "configs/refign.py:tiny,no_refign",
+    "refign_row1": "configs/refign.py:tiny,row1",
+    "refign": "configs/refign.py:tiny",
+}
+GROUPS = {"uda": ("source_only", "uda"), "adaptation": tuple(ADAPTATION)}
+SINGLE = ("daformer", "mask2former", "rass", *ADAPTATION)
+DEFAULT_VARIANTS = "rass,refign_row1"  # `make demo`: both systems; refign_row1 needs no alignment network
+
+
+def planned_runs(variants: str, out: Path) -> list[tuple[str, str]]:
+    """(name, config path) of each training run `variants` asks for, in order, without repeats; the
+    uawarpc variant and row 6's missing alignment network are trained on the way."""
+    known = dict.fromkeys((*SINGLE, *GROUPS, "uawarpc"))
+    for variant in variants.split(","):
+        if variant not in known:
+            raise ValueError(f"--variants: each of {', '.join(known)}; got {variant!r}")
+    runs = []
+    for variant in variants.split(","):
+        if variant == "uawarpc":
+            demo_uawarpc(out)
+            continue
+        for name in GROUPS.get(variant, (variant,)):
+            if name == "refign" and not (out / "uawarpc" / "export" / "meta.json").is_file():
+                demo_uawarpc(out)
+            run = (name, ADAPTATION.get(name, f"configs/demo.py:{name}"))
+            if run not in runs:
+                runs.append(run)
+    return runs
+
+
 @report_errors
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument(
         "--variants",
-        default="daformer,rass",
-        help="comma-separated variants: configs/demo.py's (daformer, mask2former, rass), uda and uawarpc",
+        default=DEFAULT_VARIANTS,
+        help=f"comma-separated: {', '.join(SINGLE)}, groups {', '.join(GROUPS)}, and uawarpc (see above)",
     )
     parser.add_argument("--out", default="runs/demo")
     add_debug_flag(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     absl_logging.set_verbosity(absl_logging.WARNING)
-    cache = Path(args.out) / "jax_cache"
+    out = Path(args.out)
+    cache = out / "jax_cache"
     jax.config.update("jax_compilation_cache_dir", str(cache))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     first = not any(cache.glob("*"))
     results = {}
-    runs = []
-    for variant in args.variants.split(","):
-        if variant == "uawarpc":
-            demo_uawarpc(Path(args.out))
-            continue
-        if variant in ("uda", "refign"):  # adaptation: every run with the same network, data and steps
-            runs += [("source_only", "configs/refign.py:tiny,source_only", None)]
-            runs += [("uda", "configs/refign.py:tiny,no_refign", None)]
-        if variant == "refign":
-            export = Path(args.out) / "uawarpc" / "export"
-            if not (export / "meta.json").is_file():
-                demo_uawarpc(Path(args.out))
-            runs += [("refign_row1", "configs/refign.py:tiny,row1", None)]
-            runs += [("refign", "configs/refign.py:tiny", str(export))]
-        elif variant != "uda":
-            runs.append((variant, f"configs/demo.py:{variant}", None))
-    for variant, config_path, alignment in runs:
+    runs = planned_runs(args.variants, out)
+    for variant, config_path in runs:
         config = load_config(config_path)
-        if alignment is not None:  # the alignment network the uawarpc variant trained
-            config.uda.refign.alignment.path = alignment
-        workdir = Path(args.out) / variant
+        if variant == "refign":  # the alignment network the uawarpc variant trained
+            config.uda.refign.alignment.path = str(out / "uawarpc" / "export")
+        workdir = out / variant
         shutil.rmtree(workdir, ignore_errors=True)
         print(f"== {variant}: training {config.total_steps} steps on {config.data.root} ==", flush=True)
         if first:
@@ -176,9 +197,12 @@ def main(argv=None):
         print(f"pictures (image | prediction | ground truth): {workdir / 'eval' / 'pictures'}/")
     if not results:
         return
-    print("\n== demo results (synthetic validation split; uda / source_only: its adverse conditions) ==")
+    print(
+        "\n== demo results (mIoU on the val split: synthetic scenes; adaptation runs: adverse conditions) =="
+    )
     for variant, (miou, seconds) in results.items():
-        print(f"{variant:<12} mIoU {miou:6.2f}   ({seconds:.0f} s)")
+        where = "adverse val" if variant in ADAPTATION else "val"
+        print(f"{variant:<12} mIoU {miou:6.2f}   {where:<11} ({seconds:.0f} s)")
     if "uda" in results and "source_only" in results:
         print(f"UDA - source-only: {results['uda'][0] - results['source_only'][0]:+.2f} mIoU")
     if "refign" in results and "uda" in results:

@@ -43,3 +43,45 @@ def test_refign_demo_rows_differ_only_in_the_refign_switches():
     for cfg in (row1, row6):
         cfg.uda.refign = uda.uda.refign
         assert cfg.to_dict() == uda.to_dict()
+
+
+def _demo_script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "scripts" / "demo.py"
+    spec = importlib.util.spec_from_file_location("demo_script", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_make_demo_runs_both_systems_and_groups_expand_without_repeats(tmp_path):
+    """`make demo` (the default --variants) trains tiny RASS and Refign row 1, which needs no alignment
+    network; the adaptation group is the four-run comparison at the same steps."""
+    demo = _demo_script()
+    assert demo.planned_runs(demo.DEFAULT_VARIANTS, tmp_path) == [
+        ("rass", "configs/demo.py:rass"),
+        ("refign_row1", "configs/refign.py:tiny,row1"),
+    ]
+    assert not load_config("configs/refign.py:tiny,row1").uda.refign.use_align
+    assert [name for name, _ in demo.planned_runs("uda,refign_row1,uda", tmp_path)] == [
+        "source_only",
+        "uda",
+        "refign_row1",
+    ]
+    (tmp_path / "uawarpc" / "export").mkdir(parents=True)
+    (tmp_path / "uawarpc" / "export" / "meta.json").write_text("{}")  # row 6's network: no training here
+    assert [name for name, _ in demo.planned_runs("adaptation", tmp_path)] == [
+        "source_only",
+        "uda",
+        "refign_row1",
+        "refign",
+    ]
+
+
+def test_unknown_demo_script_variant_is_named_before_anything_runs(tmp_path):
+    demo = _demo_script()
+    with pytest.raises(ValueError, match=r"--variants: each of .*uawarpc; got 'segformer'"):
+        demo.planned_runs("uawarpc,segformer", tmp_path)
+    assert not (tmp_path / "uawarpc").exists()
