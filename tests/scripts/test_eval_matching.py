@@ -8,7 +8,7 @@ import pytest
 
 from lqseg_jax.data_pipelines import synthetic_adverse
 from lqseg_jax.data_pipelines.matching_stream import flow_matches, matching_source
-from tests.scripts.test_refign_cli import run_script
+from tests.helpers import run_script
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from lqseg_jax.eval import inference
-from tests.scripts.test_refign_cli import run_script
+from tests.helpers import run_script, script_args
 
 pytestmark = pytest.mark.usefixtures("fast_compile")
 
@@ -52,12 +52,7 @@ def overrides(data) -> dict:
 
 
 def args(repo, data, workdir, **extra) -> list[str]:
-    fields = {**overrides(data), **extra}
-    return [
-        f"--config={repo / 'configs' / 'hrda.py'}:tiny",
-        f"--workdir={workdir}",
-        *(f"--config.{k}={v}" for k, v in fields.items()),
-    ]
+    return script_args(f"{repo / 'configs' / 'hrda.py'}:tiny", workdir, {**overrides(data), **extra})
 
 
 @pytest.mark.slow  # the HRDA UDA step (3 MiT-B0, teacher with 9 detail crops) and two evaluations compile

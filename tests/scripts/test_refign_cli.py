@@ -3,18 +3,16 @@ synthetic paired data is written on first use, scripts/train.py trains UDA, stop
 resumes (bit-identical resume through the Trainer: tests/systems/test_uda_train.py), and scripts/eval.py evaluates the adverse (ACDC-layout)
 val split. Also: each training stream's `index_per_step` re-derives the iterator position of a resumed run."""
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from absl import flags
 
 from lqseg_jax.data_pipelines import synthetic_adverse
 from lqseg_jax.data_pipelines.streams import train_stream
 from lqseg_jax.train.config import load_config
+from tests.helpers import run_script, script_args
 
 pytestmark = pytest.mark.usefixtures("fast_compile")
 
@@ -47,31 +45,8 @@ def overrides(data: Path) -> dict:
     }
 
 
-def run_script(repo: Path, name: str, argv: list[str]) -> None:
-    """scripts/NAME.py's main() with `argv` (also in sys.argv, where the config flag reads its overrides);
-    its absl flags are removed afterwards, so the next script can define its own."""
-    before, saved_argv = set(flags.FLAGS), sys.argv
-    sys.argv = [f"{name}.py", *argv]
-    spec = importlib.util.spec_from_file_location(f"{name}_script", repo / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-        flags.FLAGS(sys.argv)
-        module.main([])
-    finally:
-        sys.argv = saved_argv
-        flags.FLAGS.unparse_flags()
-        for flag in set(flags.FLAGS) - before:
-            delattr(flags.FLAGS, flag)
-
-
 def args(repo: Path, data: Path, workdir: Path, **extra) -> list[str]:
-    fields = {**overrides(data), **extra}
-    return [
-        f"--config={repo / 'configs' / 'refign.py'}:tiny",
-        f"--workdir={workdir}",
-        *(f"--config.{k}={v}" for k, v in fields.items()),
-    ]
+    return script_args(f"{repo / 'configs' / 'refign.py'}:tiny", workdir, {**overrides(data), **extra})
 
 
 @pytest.mark.slow  # ~4 min on the loaded 2-core machine: the UDA step (3 MiT-B0) compiles once

@@ -16,7 +16,7 @@ from lqseg_jax.eval.report import CITYSCAPES_PALETTE
 from lqseg_jax.train.checkpoint import Checkpointer
 from lqseg_jax.train.config import load_config
 from lqseg_jax.train.trainer import Trainer
-from tests.scripts.test_refign_cli import run_script
+from tests.helpers import run_script
 
 pytestmark = pytest.mark.usefixtures("fast_compile")
 

@@ -19,9 +19,9 @@ from lqseg_jax.models.uawarpc import align
 from lqseg_jax.systems.base import normalize
 from lqseg_jax.systems.refign import refine
 from lqseg_jax.systems.uda import ADAPT_TO_REF_STREAM, AlignmentNet, UDASystem
-from lqseg_jax.train.checkpoint import Checkpointer
 from lqseg_jax.train.config import load_config
 from lqseg_jax.train.trainer import Trainer
+from tests.helpers import save_and_restore
 from tests.systems.test_uda_train import StandInRandomDraws, _leaves
 
 SIZE = (32, 32)
@@ -158,17 +158,7 @@ def test_refign_step_trains_keeps_the_alignment_frozen_and_resumes(config, tmp_p
 
     it = iter(train_stream(config).dataset)
     half, _, first = _run(trainer, trainer.init_state(), it, 0, 2)
-    ckpt = Checkpointer(tmp_path, keep=2, async_save=False)
-    ckpt.save(2, half, it, config)
-    ckpt.wait()
-    ckpt.close()
-    del half, it
-    trainer2 = Trainer(config)
-    it2 = iter(train_stream(config).dataset)
-    reader = Checkpointer(tmp_path, keep=2, async_save=False)
-    step, restored, iter_restored = reader.restore_latest_intact(trainer2.abstract_state, config, it2)
-    reader.close()
-    assert step == 2 and iter_restored
+    trainer2, restored, it2 = save_and_restore(config, half, it, 2, tmp_path)
     resumed, _, second = _run(trainer2, restored, it2, 2, 2)
     assert first + second == coins  # the coin replays
     for a, b in zip(_leaves(straight), _leaves(resumed), strict=True):

@@ -12,9 +12,9 @@ from lqseg_jax import systems
 from lqseg_jax.data_pipelines import synthetic_adverse
 from lqseg_jax.data_pipelines.streams import train_stream
 from lqseg_jax.systems.uda import UDASystem
-from lqseg_jax.train.checkpoint import Checkpointer
 from lqseg_jax.train.config import load_config
 from lqseg_jax.train.trainer import Trainer
+from tests.helpers import save_and_restore
 from tests.systems.test_uda_step import StandInSystem
 
 
@@ -67,17 +67,7 @@ def test_uda_trains_and_resumes_bit_identically(config, tmp_path):
 
     it = iter(train_stream(config).dataset)
     half, _ = _steps(trainer, trainer.init_state(), it, 0, 2)
-    ckpt = Checkpointer(tmp_path, keep=2, async_save=False)
-    ckpt.save(2, half, it, config)
-    ckpt.wait()
-    ckpt.close()
-    del half, it
-    trainer2 = Trainer(config)
-    it2 = iter(train_stream(config).dataset)
-    reader = Checkpointer(tmp_path, keep=2, async_save=False)
-    step, restored, iter_restored = reader.restore_latest_intact(trainer2.abstract_state, config, it2)
-    reader.close()
-    assert step == 2 and iter_restored
+    trainer2, restored, it2 = save_and_restore(config, half, it, 2, tmp_path)
     resumed, _ = _steps(trainer2, restored, it2, 2, 2)
     for a, b in zip(_leaves(straight), _leaves(resumed), strict=True):
         np.testing.assert_array_equal(a, b)
