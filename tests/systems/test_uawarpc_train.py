@@ -2,7 +2,8 @@
 AEPE (synthetic val pairs, true flows) falls well below the untrained network's, the loop's periodic
 evaluation logs the matching metrics, and a run stopped at step k and resumed ends bit-identical to an
 uninterrupted one. Two compiles: the train step (the resumed run gets it from the session's persistent
-cache) and the eval-mode forward."""
+cache) and the eval-mode forward. Compiled with XLA's full optimisation (not the fast_compile fixture): 16
+steps and 27 evaluated pairs run ~10x faster for ~25 % more compile time."""
 
 import json
 
@@ -11,12 +12,10 @@ import numpy as np
 import pytest
 
 from lqseg_jax.eval.matching import evaluate_state
-from lqseg_jax.train.checkpoint import Checkpointer
 from lqseg_jax.train.config import load_config
 from lqseg_jax.train.loop import train
 from lqseg_jax.train.trainer import Trainer
-
-pytestmark = pytest.mark.usefixtures("fast_compile")
+from tests.helpers import restore_state
 
 STEPS, STOP = 8, 4
 
@@ -51,14 +50,8 @@ def test_tiny_training_lowers_held_out_aepe_and_resumes_bit_identically(tmp_path
     assert resumed["loss"] == straight["loss"]
 
     trainer = Trainer(tiny(root))
-
-    def final_state(workdir):
-        ckpt = Checkpointer(workdir, async_save=False)
-        state, _ = ckpt.restore(STEPS, trainer.abstract_state)
-        ckpt.close()
-        return state
-
-    state, other = final_state(tmp_path / "straight"), final_state(tmp_path / "resumed")
+    state = restore_state(tmp_path / "straight", STEPS, trainer.abstract_state)
+    other = restore_state(tmp_path / "resumed", STEPS, trainer.abstract_state)
     for a, b in zip(jax.tree.leaves(jax.device_get(state)), jax.tree.leaves(jax.device_get(other))):
         np.testing.assert_array_equal(a, b)
 
