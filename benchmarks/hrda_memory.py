@@ -13,7 +13,11 @@ student's is differentiated, so the teacher and the ImageNet encoder just run fo
 rematerialises the student's DAFormer decode head in both HRDA student passes (the head is passed to
 hrda.student_forward wrapped in nnx.remat, as uda.py wraps the encoder for --remat). --scan-blocks /
 --no-scan-blocks sets model.scan_blocks (every MiT's stages as rematerialised scans: mit.py scan_blocks;
-configs/hrda.py turns it on), otherwise the config's value holds; block remat needs --no-scan-blocks. Both apply the
+configs/hrda.py turns it on), otherwise the config's value holds; block remat needs --no-scan-blocks.
+--aspp barrier|loop runs every DAFormer head's depthwise-separable ASPP branches one after another in this
+process (daformer_head.ASPPWrapper.__call__ replaced): "barrier" through optimization barriers, "loop" as
+a scan over the branch index with a rematerialised lax.switch body (the change proposed for
+daformer_head.py in benchmarks/RESULTS.md; same outputs, gradients and BatchNorm statistics). Both apply the
 change in this process only (the presets / hrda.student_forward), as uda.py would with the config keys
 proposed in RESULTS.md.
 
@@ -31,7 +35,8 @@ linearly in each stage's depth, and two shallower compiles extrapolate the full 
 
     python benchmarks/hrda_memory.py [--crop 1024] [--batch 2] [--dtype bfloat16] [--remat] [--config C]
                                      [--depths 3,6,40,3] [--block-remat nothing_saveable] [--head-remat]
-                                     [--scan-blocks | --no-scan-blocks] [--dump DIR]
+                                     [--scan-blocks | --no-scan-blocks] [--aspp barrier|loop]
+                                     [--dump DIR]
     python benchmarks/hrda_memory.py --analyse DIR
 """
 
@@ -52,7 +57,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lqseg_jax.models import hrda, mit
+from lqseg_jax.models import daformer_head, hrda, layers, mit
 from lqseg_jax.train.config import load_config
 from lqseg_jax.train.trainer import Trainer
 
@@ -126,6 +131,47 @@ def remat_student_head() -> None:
         return forward(backbone, partial(nnx.remat(_call), head), scale_attention, x, key, os)
 
     hrda.student_forward = student_forward
+
+
+def _barrier_aspp(self, x):
+    outs = []
+    for branch in self.aspp_modules:
+        if outs:
+            x, outs = jax.lax.optimization_barrier((x, outs))
+        outs.append(branch(x))  # (b, h, w, channels)
+    return self.bottleneck(jnp.concatenate(outs, axis=-1))  # (b, h, w, channels)
+
+
+def _loop_aspp(self, x):
+    branches = list(self.aspp_modules)
+    looped = [i for i, b in enumerate(branches) if isinstance(b, layers.DepthwiseSeparableConvModule)]
+    split = [nnx.split(branches[i]) for i in looped]  # the same structure: they differ in dilation only
+
+    def run(k):
+        def apply(states):
+            module = nnx.merge(split[k][0], states[k], copy=True)
+            return module(x), nnx.state(module, nnx.BatchStat)  # (b, h, w, channels), updated statistics
+
+        return apply
+
+    @partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=False)
+    def body(_, k):  # the backward recomputes each branch in its own iteration too
+        return None, jax.lax.switch(k, [run(k) for k in range(len(looped))], [st for _, st in split])
+
+    _, (ys, stats) = jax.lax.scan(body, None, jnp.arange(len(looped)))  # (n, b, h, w, channels)
+    outs = [None if i in looped else b(x) for i, b in enumerate(branches)]
+    for k, i in enumerate(looped):
+        nnx.update(branches[i], jax.tree.map(lambda v, k=k: v[k], stats))
+        outs[i] = ys[k]  # (b, h, w, channels)
+    return self.bottleneck(jnp.concatenate(outs, axis=-1))  # (b, h, w, channels)
+
+
+def aspp_order(order: str) -> None:
+    """Every DAFormer head's ASPP runs its depthwise-separable branches one after another (this process
+    only). "barrier": each branch's input goes through an optimization barrier with the previous branches'
+    outputs; "loop": the branches as a jax.lax.scan over their index with a rematerialised jax.lax.switch
+    body (one 1024-channel depthwise branch at a time, structurally, forward and backward)."""
+    daformer_head.ASPPWrapper.__call__ = dict(barrier=_barrier_aspp, loop=_loop_aspp)[order]
 
 
 # ----------------------------------------------------------------------------- dump analysis
@@ -239,6 +285,9 @@ def main(argv=None):
         default=None,
         help="model.scan_blocks: MiT stages as rematerialised scans (default: the config's)",
     )
+    parser.add_argument(
+        "--aspp", choices=("parallel", "barrier", "loop"), default="parallel", help="ASPP branch order"
+    )
     parser.add_argument("--dump", default=None, help="write XLA's dumps of the step to this folder")
     parser.add_argument(
         "--assignment-only",
@@ -280,6 +329,8 @@ def main(argv=None):
         mit.MIT_PRESETS[preset] = {**mit.MIT_PRESETS[preset], "block_remat": args.block_remat}
     if args.head_remat:
         remat_student_head()
+    if args.aspp != "parallel":
+        aspp_order(args.aspp)
     result = dict(
         config=args.config,
         depths=list(mit.MIT_PRESETS[preset]["depths"]),
@@ -290,6 +341,7 @@ def main(argv=None):
         block_remat=args.block_remat,
         head_remat=args.head_remat,
         scan_blocks=config.model.scan_blocks,
+        aspp=args.aspp,
         backend=jax.default_backend(),
         **step_memory(config, args.dump if args.assignment_only else None),
     )
