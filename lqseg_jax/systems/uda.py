@@ -332,6 +332,11 @@ class UDASystem(System):
         )  # (b, h/4, w/4, K)
         return resize_bilinear(fused, size)
 
+    def teacher_logits(self, model: UDAModel, images: jax.Array, size) -> jax.Array:
+        """The EMA teacher's logits (b, h, w, K) at `size` for uint8 images (b, h, w, 3), as the step runs it
+        (the teacher's mode is the model's: train mode in the step)."""
+        return self._teacher(model, self._input(images), size)
+
     def _teacher_probs(self, model: UDAModel, x: jax.Array, size) -> jax.Array:
         """Teacher softmax (b, h, w, K) at `size` of normalised x (b, h, w, 3), no gradient."""
         return jax.lax.stop_gradient(jax.nn.softmax(self._teacher(model, x, size), axis=-1))
