@@ -14,8 +14,7 @@ Variants (`--config configs/uawarpc.py:VARIANT`):
          records (eval.source / eval.root), short side 480 lanczos, bottom-right padding.
   "tiny": a tiny copy (VGG widths (8, 16, 24, 32, 32), head at a quarter of its widths on 144x144 coarse
          copies) on the synthetic paired adverse data (written at data.root on first use), 48x48 crops of
-         64x64 pairs, stage-1 warps, batch 8, constant lr 1e-3, the random VGG trained too (model.train_backbone;
-         refign freezes its ImageNet VGG) (tests, CPU demo); evaluated every 100 steps
+         64x64 pairs, stage-1 warps, batch 8, constant lr 1e-3 (tests, CPU demo); evaluated every 100 steps
          on the synthetic val pairs (true flows) at short side 64.
 Validation during training (refign: MegaDepth val pairs at `dims` 480x720, SparseEPE): stages 1 and 2
 evaluate config.eval (split "val", eval.dims (480, 720)) every eval_every = 5000 steps through the loop
@@ -53,7 +52,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.coarse_size = 256  # the head's `area` copies (refign: 256; 144 for tiny copies)
     c.model.head_width = 1.0  # head channel widths x this (refign: 1)
     c.model.iterative_refinement = True  # eval-only extra passes (MegaDepth configs)
-    c.model.train_backbone = False  # refign: the ImageNet VGG-16 stays frozen, only alignment_head trains
     c.model.pretrained.path = "weights/vgg16"
     c.model.pretrained.prefix = "alignment_backbone"
     c.uawarpc = ml_collections.ConfigDict(
@@ -123,9 +121,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.model.head_width = 0.25
         c.model.iterative_refinement = False
         c.model.pretrained.path = ""
-        c.model.train_backbone = (
-            True  # a frozen random VGG barely matches (the demo's step-300 net output ~0 flow)
-        )
         c.uawarpc.crop = (48, 48)
         o.lr = 1e-3
         o.schedule = constant_schedule()

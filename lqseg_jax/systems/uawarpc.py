@@ -8,8 +8,7 @@ MegaDepth). One loss call is one refign training step:
 1. on the device, from the step's key, per sample: a synthetic flow (flow_warps.synthetic_flows, config
    uawarpc.stage and its constants), image_prime = warp(normalise(photometric(target)), flow) and its mask,
    then the centre crop (uawarpc.crop, 520x520) of target, reference, prime, flow and mask;
-2. the VGG (frozen: only `alignment_head` parameters train, as refign; model.train_backbone trains it too,
-   for the tiny random-init copy, whose frozen random features barely match) once on cat[ref, trg, prime] at the
+2. the VGG (frozen: only `alignment_head` parameters train, as refign) once on cat[ref, trg, prime] at the
    crop size and on their 256x256 `area` copies (model.coarse_size: tiny copies use 144);
 3. three head passes, each in train mode with its own batch statistics and running-statistics update:
    prime -> target (warp supervision), prime -> reference and reference -> target (W-bipath);
@@ -66,10 +65,7 @@ def three_passes(head, passes, size):
 
 
 class UAWarpCSystem(System):
-    @property
-    def trainable(self):
-        """The head's parameters (refign: the ImageNet VGG stays frozen), or all with model.train_backbone."""
-        return nnx.Param if self.config.model.train_backbone else nnx.All(nnx.Param, _in_head)
+    trainable = nnx.All(nnx.Param, _in_head)
 
     def build_model(self, rngs: nnx.Rngs) -> UAWarpC:
         m = self.config.model

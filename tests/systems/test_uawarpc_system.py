@@ -1,5 +1,5 @@
 """UAWarpC system pieces: the three train-mode head passes (one scan) equal three sequential calls, outputs
-and BatchNorm running statistics alike; which parameters train."""
+and BatchNorm running statistics alike."""
 
 import jax
 import jax.numpy as jnp
@@ -8,9 +8,7 @@ import pytest
 from flax import nnx
 
 from lqseg_jax.models.uawarpc import UAWarpCHead
-from lqseg_jax.systems import get_system
 from lqseg_jax.systems.uawarpc import three_passes
-from lqseg_jax.train.config import load_config
 
 
 def _feats(key, b=2, c=8):
@@ -64,15 +62,3 @@ def test_tiny_head_options_keep_the_structure():
     assert head.reduce.kernel.shape == (1, 1, 8, 2)
     with pytest.raises(ValueError, match=r"coarse_size must be 256 or 144 .* got 128"):
         UAWarpCHead(coarse_size=128, rngs=nnx.Rngs(0))
-
-
-@pytest.mark.parametrize("train_backbone", [False, True])
-def test_only_the_head_trains_unless_train_backbone(train_backbone):
-    """refign freezes the ImageNet VGG (only alignment_head trains); model.train_backbone (the tiny
-    random-init copy) trains the VGG as well."""
-    config = load_config("configs/uawarpc.py:tiny", **{"model.train_backbone": train_backbone})
-    system = get_system(config)
-    model = nnx.eval_shape(lambda: system.build_model(nnx.Rngs(0)))
-    trained = {path[0] for path, _ in nnx.to_flat_state(nnx.state(model, system.trainable))}
-    assert trained == ({"alignment_backbone", "alignment_head"} if train_backbone else {"alignment_head"})
-    assert not load_config("configs/uawarpc.py:stage1").model.train_backbone
