@@ -38,7 +38,8 @@ def synthetic_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def fast_compile():
     """XLA without most optimisations for a whole module (`pytestmark = pytest.mark.usefixtures(
-    "fast_compile")`): compiles tiny models several times faster, same fp32 math."""
+    "fast_compile")`): compiles tiny models several times faster, same fp32 math, but the compiled programs
+    run up to ~10x slower (no fusion), so it pays only for modules that run few steps."""
     from lqseg_jax.models.tracing import light_compilation
 
     with light_compilation():

@@ -33,7 +33,18 @@ def common_args(root, workdir, **overrides):
 
 
 def env(devices, **extra):
-    e = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices), PYTHONUNBUFFERED="1", **extra)
+    """The environment of a script run on `devices` CPU devices. It shares the test session's persistent
+    compilation cache (tests/conftest.py), so runs that compile the same programs (a run and its resume,
+    the same config in another test) compile them once."""
+    e = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        JAX_NUM_CPU_DEVICES=str(devices),
+        PYTHONUNBUFFERED="1",
+        JAX_COMPILATION_CACHE_DIR=os.environ["LQSEG_TEST_JAX_CACHE"],
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
+        **extra,
+    )
     e.pop("XLA_FLAGS", None)
     return e
 
