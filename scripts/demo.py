@@ -1,15 +1,16 @@
 """`make demo`: writes the synthetic scenes, trains each demo network on CPU, evaluates, prints mIoU.
 
 Default (`make demo`): the two systems of the project, tiny RASS (configs/demo.py:rass, on the synthetic
-scenes) and Refign-DAFormer's ablation row 1 (configs/refign.py:tiny,row1: self-training refined with the
-unaligned reference's prediction, so no alignment network is needed), on the synthetic paired adverse data.
-Single runs: configs/demo.py's `daformer`, `mask2former`, `rass`, and the adaptation runs `source_only`,
-`uda`, `refign_row1`, `refign` (row 6; needs the alignment network, below), all adaptation runs with the
-same network, data and steps, evaluated on the adverse val split (data/synthetic_adverse: Cityscapes-layout
-scenes -> ACDC-layout night/fog/rain). Groups: `--variants uda` = source_only + uda; `--variants
-adaptation` = source_only + uda + refign_row1 + refign. Refign row 6 (configs/refign.py:tiny: aligned,
-trust, adaptation to the reference) uses the alignment network at OUT/uawarpc/export, trained first by the
-uawarpc variant when it is missing.
+scenes) and Refign (configs/demo.py:refign: Refign-DAFormer ablation row 1, self-training refined with the
+unaligned reference's prediction, so no alignment network is needed; 100 steps at batch 4 + 4) on the
+synthetic paired adverse data (data/synthetic_adverse: Cityscapes-layout scenes -> ACDC-layout
+night/fog/rain), evaluated on its adverse val split.
+Single runs: configs/demo.py's `daformer`, `mask2former`, `rass`, `refign`, and the adaptation runs
+`source_only`, `uda`, `refign_row1`, `refign_row6` (configs/refign.py:tiny with the flags ,source_only
+,no_refign ,row1 and none), all four with the same network, data, 300 steps at batch 8 + 8, evaluated on the
+adverse val split. Groups: `--variants uda` = source_only + uda; `--variants adaptation` = all four. Row 6
+(aligned, trust, adaptation to the reference) uses the alignment network at OUT/uawarpc/export, trained
+first by the uawarpc variant when it is missing.
 `--variants uawarpc`: the alignment network: configs/uawarpc.py:tiny trained on the synthetic pairs
 (data/synthetic_matching); PCK-1/5 and AEPE on the held-out val pairs (true flows, small) and on their
 targets warped by the training's synthetic warps (large flows; against the target and against the
@@ -130,11 +131,13 @@ ADAPTATION = {  # the same network, data, steps and evaluation; only the adaptat
     "source_only": "configs/refign.py:tiny,source_only",
     "uda": "configs/refign.py:tiny,no_refign",
     "refign_row1": "configs/refign.py:tiny,row1",
-    "refign": "configs/refign.py:tiny",
+    "refign_row6": "configs/refign.py:tiny",
 }
 GROUPS = {"uda": ("source_only", "uda"), "adaptation": tuple(ADAPTATION)}
-SINGLE = ("daformer", "mask2former", "rass", *ADAPTATION)
-DEFAULT_VARIANTS = "rass,refign_row1"  # `make demo`: both systems; refign_row1 needs no alignment network
+SINGLE = ("daformer", "mask2former", "rass", "refign", *ADAPTATION)
+DEFAULT_VARIANTS = (
+    "rass,refign"  # `make demo`: both systems; configs/demo.py:refign needs no alignment network
+)
 
 
 def planned_runs(variants: str, out: Path) -> list[tuple[str, str]]:
@@ -150,7 +153,7 @@ def planned_runs(variants: str, out: Path) -> list[tuple[str, str]]:
             demo_uawarpc(out)
             continue
         for name in GROUPS.get(variant, (variant,)):
-            if name == "refign" and not (out / "uawarpc" / "export" / "meta.json").is_file():
+            if name == "refign_row6" and not (out / "uawarpc" / "export" / "meta.json").is_file():
                 demo_uawarpc(out)
             run = (name, ADAPTATION.get(name, f"configs/demo.py:{name}"))
             if run not in runs:
@@ -180,7 +183,7 @@ def main(argv=None):
     runs = planned_runs(args.variants, out)
     for variant, config_path in runs:
         config = load_config(config_path)
-        if variant == "refign":  # the alignment network the uawarpc variant trained
+        if variant == "refign_row6":  # the alignment network the uawarpc variant trained
             config.uda.refign.alignment.path = str(out / "uawarpc" / "export")
         workdir = out / variant
         shutil.rmtree(workdir, ignore_errors=True)
@@ -201,12 +204,12 @@ def main(argv=None):
         "\n== demo results (mIoU on the val split: synthetic scenes; adaptation runs: adverse conditions) =="
     )
     for variant, (miou, seconds) in results.items():
-        where = "adverse val" if variant in ADAPTATION else "val"
+        where = "adverse val" if variant in (*ADAPTATION, "refign") else "val"
         print(f"{variant:<12} mIoU {miou:6.2f}   {where:<11} ({seconds:.0f} s)")
     if "uda" in results and "source_only" in results:
         print(f"UDA - source-only: {results['uda'][0] - results['source_only'][0]:+.2f} mIoU")
-    if "refign" in results and "uda" in results:
-        print(f"Refign (row 6) - UDA: {results['refign'][0] - results['uda'][0]:+.2f} mIoU")
+    if "refign_row6" in results and "uda" in results:
+        print(f"Refign (row 6) - UDA: {results['refign_row6'][0] - results['uda'][0]:+.2f} mIoU")
 
 
 if __name__ == "__main__":

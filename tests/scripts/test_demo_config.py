@@ -57,14 +57,19 @@ def _demo_script():
 
 
 def test_make_demo_runs_both_systems_and_groups_expand_without_repeats(tmp_path):
-    """`make demo` (the default --variants) trains tiny RASS and Refign row 1, which needs no alignment
-    network; the adaptation group is the four-run comparison at the same steps."""
+    """`make demo` (the default --variants) trains tiny RASS and the shortened Refign row 1, which needs no
+    alignment network; the adaptation group is the four-run comparison at the same steps."""
     demo = _demo_script()
     assert demo.planned_runs(demo.DEFAULT_VARIANTS, tmp_path) == [
         ("rass", "configs/demo.py:rass"),
-        ("refign_row1", "configs/refign.py:tiny,row1"),
+        ("refign", "configs/demo.py:refign"),
     ]
-    assert not load_config("configs/refign.py:tiny,row1").uda.refign.use_align
+    quick, row1 = load_config("configs/demo.py:refign"), load_config("configs/refign.py:tiny,row1")
+    assert (quick.total_steps, quick.batch_size, quick.checkpoint.every) == (100, 4, 100)
+    assert quick.uda.refign.use_refign and not quick.uda.refign.use_align
+    for cfg in (quick, row1):
+        cfg.total_steps = cfg.batch_size = cfg.checkpoint.every = cfg.log_every = 0
+    assert quick.to_dict() == row1.to_dict()  # otherwise configs/refign.py:tiny,row1 as it is
     assert [name for name, _ in demo.planned_runs("uda,refign_row1,uda", tmp_path)] == [
         "source_only",
         "uda",
@@ -72,11 +77,11 @@ def test_make_demo_runs_both_systems_and_groups_expand_without_repeats(tmp_path)
     ]
     (tmp_path / "uawarpc" / "export").mkdir(parents=True)
     (tmp_path / "uawarpc" / "export" / "meta.json").write_text("{}")  # row 6's network: no training here
-    assert [name for name, _ in demo.planned_runs("adaptation", tmp_path)] == [
-        "source_only",
-        "uda",
-        "refign_row1",
-        "refign",
+    assert demo.planned_runs("adaptation", tmp_path) == [
+        ("source_only", "configs/refign.py:tiny,source_only"),
+        ("uda", "configs/refign.py:tiny,no_refign"),
+        ("refign_row1", "configs/refign.py:tiny,row1"),
+        ("refign_row6", "configs/refign.py:tiny"),
     ]
 
 
