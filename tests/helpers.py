@@ -37,6 +37,17 @@ def restore_state(workdir: Path, step: int, abstract_state):
     return state
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_script(name: str):
+    """scripts/NAME.py as a module (not run: its `if __name__ == "__main__"` block stays idle)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_script", REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def run_script(repo: Path, name: str, argv: list[str]) -> None:
     """scripts/NAME.py's main() with `argv` (also in sys.argv, where the config flag reads its overrides);
     its absl flags are removed afterwards, so the next script can define its own."""

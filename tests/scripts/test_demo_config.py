@@ -3,6 +3,7 @@
 import pytest
 
 from lqseg_jax.train.config import load_config
+from tests.helpers import load_script
 
 
 @pytest.mark.parametrize("variant", ["daformer", "mask2former", "rass"])
@@ -45,21 +46,10 @@ def test_refign_demo_rows_differ_only_in_the_refign_switches():
         assert cfg.to_dict() == uda.to_dict()
 
 
-def _demo_script():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[2] / "scripts" / "demo.py"
-    spec = importlib.util.spec_from_file_location("demo_script", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_make_demo_runs_both_systems_and_groups_expand_without_repeats(tmp_path):
     """`make demo` (the default --variants) trains tiny RASS and the shortened Refign row 1, which needs no
     alignment network; the adaptation group is the four-run comparison at the same steps."""
-    demo = _demo_script()
+    demo = load_script("demo")
     assert demo.planned_runs(demo.DEFAULT_VARIANTS, tmp_path) == [
         ("rass", "configs/demo.py:rass"),
         ("refign", "configs/demo.py:refign"),
@@ -86,7 +76,7 @@ def test_make_demo_runs_both_systems_and_groups_expand_without_repeats(tmp_path)
 
 
 def test_unknown_demo_script_variant_is_named_before_anything_runs(tmp_path):
-    demo = _demo_script()
+    demo = load_script("demo")
     with pytest.raises(ValueError, match=r"--variants: each of .*uawarpc; got 'segformer'"):
         demo.planned_runs("uawarpc,segformer", tmp_path)
     assert not (tmp_path / "uawarpc").exists()

@@ -1,22 +1,12 @@
 """scripts/refign_pseudo_labels.py: the scores of a pseudo-label against the target label, and the refusal of
 a target without true flows."""
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from lqseg_jax.data_pipelines.sources import DataError
 from lqseg_jax.train.config import load_config
-
-
-def _script():
-    path = Path(__file__).resolve().parents[2] / "scripts" / "refign_pseudo_labels.py"
-    spec = importlib.util.spec_from_file_location("refign_pseudo_labels", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.helpers import load_script
 
 
 def test_scores_by_hand():
@@ -26,7 +16,7 @@ def test_scores_by_hand():
     conf = np.array([[[0.95, 0.5, 0.99], [0.2, 0.99, 0.95]]])
     probs = np.zeros((1, 2, 3, 4))
     np.put_along_axis(probs, pred[..., None], conf[..., None], axis=-1)
-    r = _script().scores(probs, label, num_classes=4, threshold=0.9)
+    r = load_script("refign_pseudo_labels").scores(probs, label, num_classes=4, threshold=0.9)
     # IoU: class 0: 1 / 3 (pixels (0,0) both; (0,1) label only; (1,2) prediction only), class 1: 2 / 3,
     # class 2: 0 / 1; class 3 absent from the label is left out; the 255 pixel is ignored
     np.testing.assert_allclose(r["mIoU"], 100 * (1 / 3 + 2 / 3 + 0) / 3)
@@ -40,4 +30,4 @@ def test_scores_by_hand():
 def test_a_target_without_true_flows_is_refused(tmp_path):
     config = load_config("configs/refign.py:tiny", **{"data.target_root": str(tmp_path / "acdc")})
     with pytest.raises(DataError, match=r"needs the synthetic paired data's true flows: no .*acdc/flow"):
-        _script().val_pairs(config)
+        load_script("refign_pseudo_labels").val_pairs(config)
